@@ -1,0 +1,125 @@
+"""The one training config: every default is the seed recipe's number.
+
+train.py builds its command line from these fields, checkpoints store them as a plain dict, and the other tools
+(inference, ablation) read them back. A field's metadata carries its --help text, choices and group.
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def opt(default, help, choices=None, group="training", flag=None, nargs=None, type=None):
+    meta = dict(help=help, choices=choices, group=group, flag=flag, nargs=nargs, type=type)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # data and output
+    data_dir: str = opt("data", "dataset root holding train/<class>/ and val/<class>/", group="data")
+    output_dir: str = opt("checkpoints", "where run folders are written", group="data")
+    run_name: str = opt("", "run folder name under --output-dir (default: <arch>-<date>-<time>)", group="data")
+    workers: int = opt(-1, "data loader worker processes (-1: one per free CPU core, at most 8)", group="data")
+
+    # model
+    arch: str = opt("resnext101_32x8d", "torchvision ResNet-family backbone (see model.py --list)", group="model")
+    weights: str = opt("default", "'default' (torchvision ImageNet weights, cached in the torch hub folder), "
+                                  "a torchvision enum name such as IMAGENET1K_V1, 'none' (from scratch), "
+                                  "or a local FILE (torchvision state_dict or one of our checkpoints)", group="model")
+    head: str = opt("mlp", "classifier head: 4-layer MLP with BatchNorm and dropout, or one Linear layer",
+                    choices=["mlp", "linear"], group="model")
+    head_dropout: list = opt([0.4, 0.3, 0.2], "dropout of the three hidden MLP layers", group="model",
+                             nargs=3, type=float)
+    max_params: float = opt(100e6, "refuse a model with more parameters than this (the HW1 rule is 100M)",
+                            group="model", type=float)
+
+    # schedule and optimiser
+    epochs: int = opt(100, "training epochs")
+    batch_size: int = opt(64, "images per optimiser step")
+    lr: float = opt(5e-5, "AdamW peak learning rate")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    head_lr_mult: float = opt(1.0, "learning-rate multiplier for the classifier head")
+    min_lr: float = opt(1e-5, "cosine annealing floor (eta_min)")
+    warmup_epochs: float = opt(0.0, "linear warmup length in epochs (fractions allowed)", type=float)
+    t_max: float = opt(0.0, "cosine period in epochs; 0 = the whole run (the seed used 50 in a 100-epoch run)",
+                       type=float)
+    seed: int = opt(42, "seed for python, numpy, torch and loader workers")
+    device: str = opt("auto", "where to train: auto = cuda when available, else cpu",
+                      choices=["auto", "cpu", "cuda"])
+    amp: str = opt("auto", "mixed precision on CUDA: auto = bf16 where supported, else fp16; always off on CPU",
+                   choices=["auto", "bf16", "fp16", "off"])
+
+    # loss
+    loss: str = opt("schedule", "ce: label-smoothed cross-entropy; focal: per-sample focal loss; "
+                                "smooth-focal: fixed CE/focal blend; schedule: CE, then a blend, then focal",
+                    choices=["ce", "focal", "smooth-focal", "schedule"], group="loss")
+    label_smoothing: float = opt(0.05, "label smoothing of the targets", group="loss")
+    focal_gamma: float = opt(1.5, "focal loss gamma (0 gives plain cross-entropy)", group="loss")
+    focal_blend: float = opt(0.5, "focal share of the smooth-focal loss", group="loss")
+    focal_start: int = opt(14, "schedule: first epoch of the CE-to-focal blend (s1)", group="loss")
+    focal_full: int = opt(17, "schedule: first epoch of pure focal loss (s2)", group="loss")
+    class_weights: str = opt("none", "per-class loss weights: balanced = n/(C*n_c); "
+                                     "effective = effective number of samples, Cui et al. 2019",
+                             choices=["none", "balanced", "effective"], group="loss")
+    class_weights_beta: float = opt(0.999, "beta of the effective-number weights", group="loss")
+    class_weights_from: str = opt("focal", "apply class weights to the focal part only (as the seed) or from "
+                                           "the first epoch to every loss", choices=["focal", "start"], group="loss")
+
+    # EMA
+    ema: bool = opt(True, "keep an exponential moving average of the weights (updated every optimiser step)",
+                    group="ema")
+    ema_decay: float = opt(0.999, "EMA decay (warmed up as min(decay, (1+t)/(10+t)))", group="ema")
+    ema_start_epoch: int = opt(0, "first epoch whose EMA weights are validated and may become best", group="ema")
+
+    # augmentation (train); evaluation is resize + centre crop
+    img_size: int = opt(224, "train crop size; evaluation sizes follow it", group="augmentation")
+    eval_crop_ratio: float = opt(0.875, "evaluation: centre crop = resize * ratio (224/256)", group="augmentation")
+    rrc_scale: list = opt([0.08, 1.0], "RandomResizedCrop area range", group="augmentation", nargs=2, type=float)
+    affine_degrees: float = opt(30.0, "RandomAffine rotation range in degrees", group="augmentation")
+    affine_translate: float = opt(0.15, "RandomAffine translation fraction", group="augmentation")
+    affine_scale: list = opt([0.7, 1.2], "RandomAffine scale range", group="augmentation", nargs=2, type=float)
+    hflip: float = opt(0.5, "horizontal flip probability", group="augmentation")
+    jitter: list = opt([0.25, 0.25, 0.25, 0.125], "ColorJitter brightness, contrast, saturation, hue",
+                       group="augmentation", nargs=4, type=float)
+    grayscale: float = opt(0.1, "RandomGrayscale probability", group="augmentation")
+    blur: float = opt(0.3, "GaussianBlur probability", group="augmentation")
+    blur_sigma: list = opt([0.1, 1.0], "GaussianBlur sigma range", group="augmentation", nargs=2, type=float)
+    blur_kernel: int = opt(5, "GaussianBlur kernel size (odd)", group="augmentation")
+    erasing: float = opt(0.2, "RandomErasing probability", group="augmentation")
+
+
+GROUPS = ["data", "model", "training", "loss", "ema", "augmentation"]
+
+
+def add_config_args(parser):
+    """One flag per Config field: --field-name, defaults and help from the dataclass."""
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kwargs = dict(dest=f.name, default=default, help=meta["help"] + " (default: %(default)s)")
+        if f.type is bool or isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = meta["type"] or type(default)
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+            if meta["nargs"]:
+                kwargs["nargs"] = meta["nargs"]
+                kwargs["metavar"] = "N"
+        groups[meta["group"]].add_argument(flag, **kwargs)
+    return parser
+
+
+def config_from_args(args):
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def config_from_dict(d):
+    """Rebuild a Config from a checkpoint's plain dict; fields added later keep their defaults."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in names})

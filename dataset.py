@@ -1,0 +1,214 @@
+"""Folders of images: data/train/<class>/, data/val/<class>/ and a flat data/test/.
+
+Images leave the loader as uint8 tensors; converting to float, normalising and random erasing happen per batch on
+the training device (to_float_batch), which keeps the worker processes light and the host-to-GPU copy 4x smaller.
+"""
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from model import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+class BadImage(Exception):
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+def is_visible(name):
+    return not name.startswith(".")  # .DS_Store, AppleDouble ._x.jpg, editor droppings
+
+
+def list_images(folder):
+    names = sorted(n for n in os.listdir(folder) if is_visible(n) and n.lower().endswith(IMAGE_EXTENSIONS))
+    return [os.path.join(folder, n) for n in names]
+
+
+def sort_class_names(names):
+    """Numeric order when every name is an integer ('2' before '10'), else plain string order."""
+    if names and all(n.isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def find_classes(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f"no such folder: {folder}")
+    names = [n for n in os.listdir(folder) if is_visible(n) and os.path.isdir(os.path.join(folder, n))]
+    if not names:
+        raise UserError(f"{folder} has no class folders (expected {folder}/<class>/<image>)")
+    return sort_class_names(names)
+
+
+def to_rgb(img):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: PIL's convert('RGB') would clip everything above 255 to white
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr * (255.0 / peak)).round().clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        # composite on white rather than letting transparent pixels keep whatever colour they had
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def load_rgb(path, draft_size=None):
+    """Decode any common image file into an RGB PIL image, upright as its EXIF says; BadImage if unreadable."""
+    try:
+        with Image.open(path) as img:
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))  # JPEG DCT scaling: decode at >= draft_size, faster
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise BadImage(path, f"image too large ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(path, f"cannot decode image ({e})") from None
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """(path, class index) pairs from root/<class>/ for the given class list; an unreadable image comes back as
+    (None, target, reason) so that the loop can skip it and name it."""
+
+    def __init__(self, root, classes, transform, draft_size=None):
+        self.root, self.classes, self.transform, self.draft_size = root, list(classes), transform, draft_size
+        self.samples = []
+        for index, name in enumerate(self.classes):
+            folder = os.path.join(root, name)
+            if os.path.isdir(folder):
+                self.samples += [(path, index) for path in list_images(folder)]
+        if not self.samples:
+            raise UserError(f"{root} holds no images (expected {root}/<class>/<image>)")
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def class_counts(self):
+        return np.bincount(self.targets, minlength=len(self.classes))
+
+    def __getitem__(self, i):
+        path, target = self.samples[i]
+        try:
+            img = load_rgb(path, self.draft_size)
+        except BadImage as e:
+            return None, target, str(e)  # the training loop names it and counts it
+        return self.transform(img), target, path
+
+
+class FlatImages(torch.utils.data.Dataset):
+    """Every image of one flat folder, for prediction: (image, file name without extension)."""
+
+    def __init__(self, folder, transform, draft_size=None):
+        if not os.path.isdir(folder):
+            raise UserError(f"no such test folder: {folder}")
+        self.paths = list_images(folder)
+        if not self.paths:
+            raise UserError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        names = [os.path.splitext(os.path.basename(p))[0] for p in self.paths]
+        dupes = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+        if dupes:
+            raise UserError(f"{folder}: several files share the name {dupes[0]} (differing only in extension); "
+                            "prediction.csv needs one row per name")
+        self.names, self.transform, self.draft_size = names, transform, draft_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            img = load_rgb(self.paths[i], self.draft_size)
+        except BadImage as e:
+            return None, self.names[i], str(e)
+        return self.transform(img), self.names[i], ""
+
+
+def collate_skipping_bad(batch):
+    """Stack the good images; return the paths (or messages) of the bad ones beside them."""
+    good = [b for b in batch if b[0] is not None]
+    bad = [b[2] for b in batch if b[0] is None]
+    images = torch.stack([b[0] for b in good]) if good else torch.empty(0, dtype=torch.uint8)
+    second = [b[1] for b in good]
+    if second and isinstance(second[0], int):
+        second = torch.tensor(second)
+    return images, second, bad
+
+
+def train_transform(cfg):
+    """The seed augmentation, every number from the config; output is a uint8 CHW tensor."""
+    b, c, s, h = cfg.jitter
+    steps = [
+        v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale), antialias=True),
+        v2.RandomAffine(degrees=cfg.affine_degrees, translate=(cfg.affine_translate, cfg.affine_translate),
+                        scale=tuple(cfg.affine_scale)),
+        v2.RandomHorizontalFlip(cfg.hflip),
+        v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
+        v2.RandomGrayscale(cfg.grayscale),
+        v2.RandomApply([v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))], p=cfg.blur),
+        v2.PILToTensor(),
+    ]
+    return v2.Compose(steps)
+
+
+def eval_sizes(img_size, crop_ratio):
+    """(resize, crop): the short side is resized to crop/ratio, then the centre crop is taken (256 -> 224)."""
+    return int(round(img_size / crop_ratio)), img_size
+
+
+def eval_transform(img_size, crop_ratio):
+    """Resize the short side and centre-crop a square of that side; the model's centre crop is taken per batch.
+
+    Keeping the larger square lets test-time augmentation cut its other views from the same decoded tensor.
+    """
+    resize, _ = eval_sizes(img_size, crop_ratio)
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(resize), v2.PILToTensor()])
+
+
+def center_crop(batch, size):
+    h, w = batch.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return batch[..., top:top + size, left:left + size]
+
+
+def to_float_batch(batch, device, erasing=0.0):
+    """uint8 NCHW on any device -> normalised float on `device`, with per-image random erasing when training."""
+    x = batch.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    x = x.sub_(mean).div_(std)
+    if erasing > 0:
+        erase = v2.RandomErasing(p=erasing)
+        x = torch.stack([erase(img) for img in x])  # one draw per image, as the per-sample transform would
+    return x
+
+
+def build_train_val(cfg):
+    """Datasets for train/ and val/ with the class list of train/; val must use the same class names."""
+    train_dir, val_dir = os.path.join(cfg.data_dir, "train"), os.path.join(cfg.data_dir, "val")
+    if not os.path.isdir(cfg.data_dir):
+        raise UserError(f"no such data folder: {cfg.data_dir} (expected {cfg.data_dir}/train/<class>/ and "
+                        f"{cfg.data_dir}/val/<class>/)")
+    classes = find_classes(train_dir)
+    val_classes = find_classes(val_dir)
+    unknown = sorted(set(val_classes) - set(classes))
+    if unknown:
+        raise UserError(f"{val_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}")
+    # only evaluation decodes JPEGs at reduced size: a random crop may take a small part of the image at full detail
+    draft = eval_sizes(cfg.img_size, cfg.eval_crop_ratio)[0]
+    train = LabelledImages(train_dir, classes, train_transform(cfg))
+    val = LabelledImages(val_dir, classes, eval_transform(cfg.img_size, cfg.eval_crop_ratio), draft_size=draft)
+    empty = [c for c, n in zip(classes, train.class_counts()) if n == 0]
+    if empty:
+        warnings.warn(f"{len(empty)} class folder(s) of {train_dir} hold no images: {', '.join(empty[:5])}")
+    return train, val, classes

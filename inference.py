@@ -1,0 +1,183 @@
+"""Turn a checkpoint into prediction.csv for a folder of test images, with test-time augmentation.
+
+    python inference.py --checkpoint checkpoints/<run>/best.pt                 # reads data/test/
+    python inference.py --checkpoint best.pt --test-dir photos/ --tta flip-crops --topk 5 --val-dir data/val
+
+prediction.csv has the header image_name,pred_label: every test image once, sorted by name, the name without its
+extension, the label being the class folder's own name. Only the checkpoint is needed: no train/ folder, no download.
+"""
+import argparse
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import config_from_dict
+from dataset import FlatImages, LabelledImages, center_crop, collate_skipping_bad, eval_transform, eval_sizes, \
+    to_float_batch
+from model import UserError, build_model
+from utils import amp_dtype, autocast, default_workers, load_checkpoint, pick_device, run_cli
+
+TTA_MODES = ["none", "flip", "flip-crops"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Predict the class of every image in a test folder with a trained "
+                                            "checkpoint and write prediction.csv (image_name,pred_label).")
+    p.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
+    p.add_argument("--data-dir", default="data", help="dataset root whose test/ folder is read (default: %(default)s)")
+    p.add_argument("--test-dir", default=None, help="folder of test images; overrides --data-dir/test")
+    p.add_argument("--output", default="prediction.csv", help="CSV to write (default: %(default)s)")
+    p.add_argument("--tta", choices=TTA_MODES, default="flip",
+                   help="deterministic test-time augmentation, softmax averaged over the views: none = centre crop; "
+                        "flip = centre crop + its mirror; flip-crops = also the whole resized square and its four "
+                        "corner crops, mirrored (default: %(default)s)")
+    p.add_argument("--topk", type=int, default=0,
+                   help="also write the K most likely labels and their probabilities to <output>_top<K>.csv")
+    p.add_argument("--weights", choices=["best", "ema", "raw"], default="best",
+                   help="which weights of the checkpoint: best = the ones it recorded as scoring higher on val "
+                        "(default: %(default)s)")
+    p.add_argument("--val-dir", default=None,
+                   help="a labelled folder (<class>/<image>): report its accuracy without and with the chosen TTA")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=-1, help="loader processes, -1 = one per free core (default: -1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.topk < 0:
+        p.error("--topk must be 0 or more")
+    return args
+
+
+# ---------------------------------------------------------------- model
+
+def select_weights(ckpt, which, path):
+    """The state_dict asked for: best.pt carries raw and EMA weights, last.pt the raw ones and the EMA."""
+    if which == "best":
+        return ckpt["model"], ckpt.get("source", "raw")
+    if which == "ema":
+        if ckpt.get("ema") is None:
+            raise UserError(f"{path} holds no EMA weights (trained with --no-ema); use --weights raw")
+        return ckpt["ema"], "ema"
+    return ckpt.get("raw", ckpt["model"]), "raw"
+
+
+def load_model(path, which, device):
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    classes = list(ckpt["classes"])
+    state, source = select_weights(ckpt, which, path)
+    model = build_model(cfg.arch, len(classes), weights="none", head=cfg.head, head_dropout=cfg.head_dropout)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not match its own config ({cfg.arch}, {len(classes)} classes): "
+                        f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, classes, source
+
+
+# ---------------------------------------------------------------- test-time augmentation
+
+def tta_views(square, img_size, mode):
+    """Fixed views of a batch of resized squares (N,3,R,R): the centre crop first, always."""
+    center = center_crop(square, img_size)
+    if mode == "none":
+        return [center]
+    views = [center, center.flip(-1)]
+    if mode == "flip-crops":
+        whole = F.interpolate(square, size=(img_size, img_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        r = square.shape[-1]
+        corners = [square[..., :img_size, :img_size], square[..., :img_size, r - img_size:],
+                   square[..., r - img_size:, :img_size], square[..., r - img_size:, r - img_size:]]
+        views += [whole, whole.flip(-1)] + corners
+    return views
+
+
+@torch.no_grad()
+def predict_probs(model, images, device, img_size, mode, dtype=None):
+    """Softmax averaged over the TTA views, all views of the batch in one forward pass."""
+    x = to_float_batch(images, device)
+    views = tta_views(x, img_size, mode)
+    with autocast(device, dtype):
+        logits = model(torch.cat(views))
+    probs = logits.float().softmax(1).view(len(views), len(images), -1)
+    return probs.mean(0).cpu()
+
+
+def run_loader(model, loader, device, img_size, mode, desc, dtype=None):
+    """Probabilities for every image of a loader plus the second field of its batches (names or targets)."""
+    probs, keys = [], []
+    for images, second, bad in tqdm(loader, desc=desc, dynamic_ncols=True):
+        if bad:
+            raise UserError(f"unreadable image {bad[0]}" + (f" (and {len(bad) - 1} more in this batch)"
+                                                            if len(bad) > 1 else ""))
+        probs.append(predict_probs(model, images, device, img_size, mode, dtype))
+        keys += list(second.tolist() if torch.is_tensor(second) else second)
+    return torch.cat(probs).numpy(), keys
+
+
+def make_loader(dataset, batch_size, workers):
+    workers = default_workers(workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=collate_skipping_bad)
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_predictions(names, probs, classes, path):
+    labels = [classes[i] for i in probs.argmax(1)]
+    df = pd.DataFrame({"image_name": names, "pred_label": labels}).sort_values("image_name", kind="stable")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    df.to_csv(path, index=False)
+    return df
+
+
+def write_topk(names, probs, classes, k, path):
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1)[:, :k]
+    df = pd.DataFrame({"image_name": names})
+    for j in range(k):
+        df[f"label_{j + 1}"] = [classes[i] for i in top[:, j]]
+        df[f"prob_{j + 1}"] = probs[np.arange(len(names)), top[:, j]].round(6)
+    df.sort_values("image_name", kind="stable").to_csv(path, index=False)
+
+
+def validate(model, cfg, classes, val_dir, args, device, dtype):
+    transform = eval_transform(cfg.img_size, cfg.eval_crop_ratio)
+    val_set = LabelledImages(val_dir, classes, transform, draft_size=eval_sizes(cfg.img_size, cfg.eval_crop_ratio)[0])
+    loader = make_loader(val_set, args.batch_size, args.workers)
+    for mode in dict.fromkeys(["none", args.tta]):
+        probs, targets = run_loader(model, loader, device, cfg.img_size, mode, f"val ({mode})", dtype)
+        acc = float((probs.argmax(1) == np.array(targets)).mean())
+        print(f"val accuracy with TTA {mode:10s}: {acc:.4f} ({len(targets)} images)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model, cfg, classes, source = load_model(args.checkpoint, args.weights, device)
+    dtype = amp_dtype(cfg, device)
+    print(f"{cfg.arch} ({source} weights), {len(classes)} classes, TTA {args.tta}, device {device}")
+    if args.val_dir:
+        validate(model, cfg, classes, args.val_dir, args, device, dtype)
+
+    test_dir = args.test_dir or os.path.join(args.data_dir, "test")
+    resize, _ = eval_sizes(cfg.img_size, cfg.eval_crop_ratio)
+    test_set = FlatImages(test_dir, eval_transform(cfg.img_size, cfg.eval_crop_ratio), draft_size=resize)
+    probs, names = run_loader(model, make_loader(test_set, args.batch_size, args.workers), device, cfg.img_size,
+                              args.tta, "test", dtype)
+    df = write_predictions(names, probs, classes, args.output)
+    print(f"wrote {args.output}: {len(df)} images, {df['pred_label'].nunique()} distinct labels")
+    if args.topk:
+        stem, ext = os.path.splitext(args.output)
+        top_path = f"{stem}_top{args.topk}{ext or '.csv'}"
+        write_topk(names, probs, classes, args.topk, top_path)
+        print(f"wrote {top_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

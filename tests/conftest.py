@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "data", "sample")
+sys.path.insert(0, ROOT)
+
+# the smallest setting that still trains a real torchvision ResNet on real images
+TINY = ["--arch", "resnet18", "--weights", "none", "--img-size", "32", "--batch-size", "32", "--workers", "0",
+        "--lr", "1e-3"]
+
+
+def run_script(script, *args, check=True, cwd=ROOT, env=None):
+    """Run one of the repository's scripts as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=full_env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny 2-epoch run on the sample data, shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_script("train.py", "--data-dir", SAMPLE, "--output-dir", out, "--run-name", "tiny", "--epochs", 2,
+                      *TINY)
+    return out / "tiny", proc
+
+
+def run_main(main, argv, capsys):
+    """Call a script's main() in this process through the same wrapper as the command line.
+
+    Returns (exit code, stdout, stderr); quicker than a subprocess for the many error-path tests.
+    """
+    from utils import run_cli
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: main([str(a) for a in argv]))
+    out = capsys.readouterr()
+    return stop.value.code, out.out, out.err
