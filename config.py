@@ -22,6 +22,15 @@ class Config:
     output_dir: str = opt("checkpoints", "where run folders are written", group="data")
     run_name: str = opt("", "run folder name under --output-dir (default: <arch>-<date>-<time>)", group="data")
     workers: int = opt(-1, "data loader worker processes (-1: one per free CPU core, at most 8)", group="data")
+    max_bad_frac: float = opt(0.01, "every train/val image is decoded once before training: unreadable ones are "
+                                    "named and left out, and more than this fraction of them stops the run",
+                              group="data")
+
+    # checkpoints
+    save_every_steps: int = opt(0, "also write last.pt every N optimiser steps, mid-epoch (0: at epoch ends only)",
+                                group="checkpoints")
+    keep_epochs: int = opt(0, "keep the resumable checkpoints of the last N epochs as epoch-NNN.pt besides last.pt",
+                           group="checkpoints")
 
     # model
     arch: str = opt("resnext101_32x8d", "torchvision ResNet-family backbone (see model.py --list)", group="model")
@@ -90,7 +99,7 @@ class Config:
     erasing: float = opt(0.2, "RandomErasing probability", group="augmentation")
 
 
-GROUPS = ["data", "model", "training", "loss", "ema", "augmentation"]
+GROUPS = ["data", "checkpoints", "model", "training", "loss", "ema", "augmentation"]
 
 
 def add_config_args(parser):

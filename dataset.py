@@ -5,11 +5,13 @@ the training device (to_float_batch), which keeps the worker processes light and
 """
 import os
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 from model import UserError
 
@@ -66,13 +68,16 @@ def to_rgb(img):
 def load_rgb(path, draft_size=None):
     """Decode any common image file into an RGB PIL image, upright as its EXIF says; BadImage if unreadable."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings(), Image.open(path) as img:
+            # a large image under the hard limit decodes fine: no DecompressionBombWarning per epoch
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))  # JPEG DCT scaling: decode at >= draft_size, faster
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except Image.DecompressionBombError as e:
-        raise BadImage(path, f"image too large ({e})") from None
+    except Image.DecompressionBombError:
+        raise BadImage(path, f"image too large: over PIL's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS} "
+                             "pixels (shrink the file, or remove it)") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(path, f"cannot decode image ({e})") from None
 
@@ -98,13 +103,33 @@ class LabelledImages(torch.utils.data.Dataset):
     def class_counts(self):
         return np.bincount(self.targets, minlength=len(self.classes))
 
-    def __getitem__(self, i):
+    def drop(self, paths):
+        """Leave out files known to be unreadable (found by check_images before training)."""
+        self.samples = [(p, t) for p, t in self.samples if p not in set(paths)]
+        self.targets = [t for _, t in self.samples]
+
+    def __getitem__(self, key):
+        # the training sampler hands out (index, seed): each image's augmentation then depends on that seed only,
+        # not on which worker decodes it or where a resumed epoch starts
+        i, seed = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[i]
         try:
             img = load_rgb(path, self.draft_size)
         except BadImage as e:
             return None, target, str(e)  # the training loop names it and counts it
-        return self.transform(img), target, path
+        with seeded(seed):
+            return self.transform(img), target, path
+
+
+@contextmanager
+def seeded(seed):
+    """Draw from torch's generator seeded with `seed`, leaving the global stream as it was (None: no change)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 class FlatImages(torch.utils.data.Dataset):
@@ -132,6 +157,32 @@ class FlatImages(torch.utils.data.Dataset):
         except BadImage as e:
             return None, self.names[i], str(e)
         return self.transform(img), self.names[i], ""
+
+
+class ImageCheck(torch.utils.data.Dataset):
+    """Decode each file once and say what is wrong with it ('' when nothing). JPEGs decode at 1/8 scale, which
+    still reads every byte, so a truncated file is caught at a fraction of the cost."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            load_rgb(self.paths[i], draft_size=32)
+            return ""
+        except BadImage as e:
+            return str(e)
+
+
+def check_images(paths, workers, desc="checking images"):
+    """{path: reason} for every unreadable file among `paths`, decoded in parallel loader processes."""
+    loader = torch.utils.data.DataLoader(ImageCheck(paths), batch_size=32, num_workers=workers, collate_fn=list,
+                                         generator=torch.Generator())  # draws nothing from the global generator
+    reasons = [r for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True) for r in batch]
+    return {p: r for p, r in zip(paths, reasons) if r}
 
 
 def collate_skipping_bad(batch):

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from config import config_from_dict
 from dataset import FlatImages, LabelledImages, center_crop, collate_skipping_bad, eval_transform, eval_sizes, \
-    to_float_batch
-from model import UserError, build_model
+    find_classes, to_float_batch
+from model import UserError, build_model, short_list
 from utils import amp_dtype, autocast, default_workers, load_checkpoint, pick_device, run_cli
 
 TTA_MODES = ["none", "flip", "flip-crops"]
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=-1, help="loader processes, -1 = one per free core (default: -1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="an unreadable image does not stop the run: a test image still gets its row, predicted as "
+                        "the most frequent training class, and every such file is named in a warning")
     args = p.parse_args(argv)
     if args.topk < 0:
         p.error("--topk must be 0 or more")
@@ -65,9 +68,11 @@ def select_weights(ckpt, which, path):
 
 
 def load_model(path, which, device):
+    """(model, config, class names, weights source, class prior): the prior is the training class frequencies."""
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     classes = list(ckpt["classes"])
+    counts = np.asarray(ckpt.get("class_counts") or np.ones(len(classes)), dtype=np.float64)
     state, source = select_weights(ckpt, which, path)
     model = build_model(cfg.arch, len(classes), weights="none", head=cfg.head, head_dropout=cfg.head_dropout)
     try:
@@ -75,7 +80,7 @@ def load_model(path, which, device):
     except RuntimeError as e:
         raise UserError(f"{path} does not match its own config ({cfg.arch}, {len(classes)} classes): "
                         f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), cfg, classes, source
+    return model.to(device).eval(), cfg, classes, source, (counts / counts.sum()).astype(np.float32)
 
 
 # ---------------------------------------------------------------- test-time augmentation
@@ -107,16 +112,20 @@ def predict_probs(model, images, device, img_size, mode, dtype=None):
     return probs.mean(0).cpu()
 
 
-def run_loader(model, loader, device, img_size, mode, desc, dtype=None):
-    """Probabilities for every image of a loader plus the second field of its batches (names or targets)."""
-    probs, keys = [], []
-    for images, second, bad in tqdm(loader, desc=desc, dynamic_ncols=True):
-        if bad:
-            raise UserError(f"unreadable image {bad[0]}" + (f" (and {len(bad) - 1} more in this batch)"
-                                                            if len(bad) > 1 else ""))
-        probs.append(predict_probs(model, images, device, img_size, mode, dtype))
-        keys += list(second.tolist() if torch.is_tensor(second) else second)
-    return torch.cat(probs).numpy(), keys
+def run_loader(model, loader, device, img_size, mode, desc, num_classes, dtype=None, skip_bad=False):
+    """Probabilities for every readable image of a loader, the second field of its batches (names or targets),
+    and the messages of the unreadable images (an error unless skip_bad)."""
+    probs, keys, bad = [torch.empty(0, num_classes)], [], []
+    for images, second, bad_files in tqdm(loader, desc=desc, dynamic_ncols=True):
+        if bad_files and not skip_bad:
+            raise UserError(f"unreadable image {bad_files[0]}; pass --skip-bad to predict around it")
+        bad += bad_files
+        if len(images):
+            probs.append(predict_probs(model, images, device, img_size, mode, dtype))
+            keys += list(second.tolist() if torch.is_tensor(second) else second)
+    for message in bad:
+        tqdm.write(f"warning: unreadable image {message}")
+    return torch.cat(probs).numpy(), keys, bad
 
 
 def make_loader(dataset, batch_size, workers):
@@ -146,11 +155,16 @@ def write_topk(names, probs, classes, k, path):
 
 
 def validate(model, cfg, classes, val_dir, args, device, dtype):
+    unknown = sorted(set(find_classes(val_dir)) - set(classes))
+    if unknown:
+        raise UserError(f"{val_dir} has class folders the checkpoint does not know ({short_list(unknown)}); "
+                        f"it was trained on {short_list(classes)}")
     transform = eval_transform(cfg.img_size, cfg.eval_crop_ratio)
     val_set = LabelledImages(val_dir, classes, transform, draft_size=eval_sizes(cfg.img_size, cfg.eval_crop_ratio)[0])
     loader = make_loader(val_set, args.batch_size, args.workers)
     for mode in dict.fromkeys(["none", args.tta]):
-        probs, targets = run_loader(model, loader, device, cfg.img_size, mode, f"val ({mode})", dtype)
+        probs, targets, _ = run_loader(model, loader, device, cfg.img_size, mode, f"val ({mode})", len(classes),
+                                       dtype, args.skip_bad)
         acc = float((probs.argmax(1) == np.array(targets)).mean())
         print(f"val accuracy with TTA {mode:10s}: {acc:.4f} ({len(targets)} images)")
 
@@ -158,7 +172,7 @@ def validate(model, cfg, classes, val_dir, args, device, dtype):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, cfg, classes, source = load_model(args.checkpoint, args.weights, device)
+    model, cfg, classes, source, prior = load_model(args.checkpoint, args.weights, device)
     dtype = amp_dtype(cfg, device)
     print(f"{cfg.arch} ({source} weights), {len(classes)} classes, TTA {args.tta}, device {device}")
     if args.val_dir:
@@ -167,8 +181,14 @@ def main(argv=None):
     test_dir = args.test_dir or os.path.join(args.data_dir, "test")
     resize, _ = eval_sizes(cfg.img_size, cfg.eval_crop_ratio)
     test_set = FlatImages(test_dir, eval_transform(cfg.img_size, cfg.eval_crop_ratio), draft_size=resize)
-    probs, names = run_loader(model, make_loader(test_set, args.batch_size, args.workers), device, cfg.img_size,
-                              args.tta, "test", dtype)
+    probs, names, bad = run_loader(model, make_loader(test_set, args.batch_size, args.workers), device, cfg.img_size,
+                                   args.tta, "test", len(classes), dtype, args.skip_bad)
+    if bad:  # every test file keeps its row: the unreadable ones get the training prior, i.e. the commonest class
+        missing = sorted(set(test_set.names) - set(names))
+        names += missing
+        probs = np.concatenate([probs, np.tile(prior, (len(missing), 1))])
+        print(f"warning: {len(missing)} unreadable test image(s) predicted as the most frequent training class "
+              f"{classes[int(prior.argmax())]}: {', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}")
     df = write_predictions(names, probs, classes, args.output)
     print(f"wrote {args.output}: {len(df)} images, {df['pred_label'].nunique()} distinct labels")
     if args.topk:

@@ -68,21 +68,28 @@ def load_pretrained(backbone, arch, name):
 
 
 def read_state_dict(path):
-    """A state_dict from a torchvision-format file or one of our checkpoints (its 'model' entry)."""
+    """(state_dict, info) from a torchvision-format file or one of our checkpoints (its 'model' entry); info holds
+    the checkpoint's arch and class names when it is one of ours."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+    info = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        info = {"arch": (obj.get("config") or {}).get("arch"), "classes": obj.get("classes")}
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} holds no state_dict of tensors")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}, info
 
 
-def load_weights_file(model, path, arch):
-    """Load a local file into the whole model; a head of another shape is re-initialised, and we say so."""
-    state = read_state_dict(path)
+def load_weights_file(model, path, arch, classes=None):
+    """Load a local file into the whole model; a head of another shape or trained on other classes is
+    re-initialised, and we say so."""
+    state, info = read_state_dict(path)
+    if info.get("arch") and info["arch"] != arch:
+        raise UserError(f"{path} is a {info['arch']} checkpoint, not --arch {arch}: pass --arch {info['arch']} "
+                        "or another weights file")
     own = model.state_dict()
     backbone_keys = [k for k in own if not k.startswith("fc.")]
     missing = [k for k in backbone_keys if k not in state]
@@ -95,14 +102,24 @@ def load_weights_file(model, path, arch):
     head = {k: v for k, v in state.items() if k.startswith("fc.")}
     head_fits = head.keys() == {k for k in own if k.startswith("fc.")} and all(
         v.shape == own[k].shape for k, v in head.items())
-    keep = {k: v for k, v in state.items() if k in own and (head_fits or not k.startswith("fc."))}
+    theirs = list(info.get("classes") or [])
+    same_classes = not theirs or classes is None or theirs == list(classes)
+    keep = {k: v for k, v in state.items() if k in own and (head_fits and same_classes or not k.startswith("fc."))}
     model.load_state_dict(keep, strict=False)
     if not head_fits:
         print(f"loaded the {arch} backbone from {path}; its classifier head does not fit, so the head starts fresh")
+    elif not same_classes:
+        print(f"loaded the {arch} backbone from {path}; its head was trained on other classes "
+              f"({short_list(theirs)} vs {short_list(classes)}), so the head starts fresh")
+
+
+def short_list(names, n=5):
+    names = list(names)
+    return f"{len(names)} classes: {', '.join(names[:n])}{', ...' if len(names) > n else ''}"
 
 
 def build_model(arch="resnext101_32x8d", num_classes=100, weights="default", head="mlp",
-                head_dropout=(0.4, 0.3, 0.2)):
+                head_dropout=(0.4, 0.3, 0.2), classes=None):
     if arch not in ARCHS:
         raise UserError(f"--arch {arch}: choose one of {', '.join(ARCHS)}")
     backbone = getattr(models, arch)(weights=None)
@@ -113,7 +130,7 @@ def build_model(arch="resnext101_32x8d", num_classes=100, weights="default", hea
     if is_file:
         if not os.path.isfile(weights):
             raise UserError(f"--weights {weights}: no such file")
-        load_weights_file(backbone, weights, arch)
+        load_weights_file(backbone, weights, arch, classes)
     return backbone
 
 

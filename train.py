@@ -3,7 +3,11 @@
     python train.py                                   # the full seed recipe: ResNeXt-101 32x8d, 100 epochs
     python train.py --data-dir data/sample --arch resnet18 --weights none --img-size 64 --epochs 3
 
+    python train.py --resume checkpoints/<run>/last.pt   # carry on where a stopped run left off, bit for bit
+    python train.py --data-dir data --check-data          # only decode every image once and list the bad ones
+
 Writes checkpoints/<run>/: last.pt, best.pt, config.json, history.csv, curves.png, confusion_matrix.png.
+SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves last.pt and prints the command that resumes the run.
 """
 import argparse
 import dataclasses
@@ -19,37 +23,65 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import Config, add_config_args, config_from_args
-from dataset import build_train_val, collate_skipping_bad, center_crop, to_float_batch
+from dataset import (build_train_val, check_images, collate_skipping_bad, center_crop, list_images,
+                     to_float_batch)
 from losses import TrainLoss, class_weights, loss_phase
-from model import UserError, build_model, count_params, head_parameters
-from utils import (amp_dtype, autocast, default_workers, make_ema, pick_device, plot_confusion, plot_curves, run_cli, save_atomic,
-                   seed_everything, seed_worker, unwrap)
+from model import UserError, build_model, count_params, head_parameters, short_list
+from resume import (EpochSampler, GracefulStop, Progress, keep_epoch_copy, load_resumable, remove_stale_temp_files,
+                    restore_training_state, resume_path, resumed_config, training_state)
+from utils import (amp_dtype, autocast, default_workers, make_ema, pick_device, plot_confusion, plot_curves, run_cli,
+                   save_atomic, seed_everything, seed_worker, unwrap)
+
+NONFINITE_LIMIT = 5  # non-finite losses in a row that stop the run
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Fine-tune a torchvision ResNet-family classifier on an image-folder dataset "
                     "(DATA/train/<class>/, DATA/val/<class>/).")
     add_config_args(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in a run folder that already holds a run (its files are replaced)")
-    args = parser.parse_args(argv)
-    return config_from_args(args), args
+    parser.add_argument("--resume", metavar="PATH|auto", default=None,
+                        help="continue the run of a last.pt (or epoch-NNN.pt) exactly where it stopped, with its own "
+                             "settings; auto = --output-dir/--run-name/last.pt if it exists, else start that run")
+    parser.add_argument("--allow-schedule-change", action="store_true",
+                        help="with --resume: accept settings that differ from the run's, e.g. more --epochs (the "
+                             "schedule is recomputed for them)")
+    parser.add_argument("--check-data", action="store_true",
+                        help="only decode every train/val/test image once, list the unreadable ones and exit "
+                             "(non-zero when more than --max-bad-frac of train+val are unreadable)")
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    return config_from_args(args), args, given_settings(argv)
+
+
+def given_settings(argv):
+    """{field: value} of the config flags typed on the command line; a resumed run checks them against its own."""
+    probe = build_parser()
+    probe.set_defaults(**{f.name: dataclasses.MISSING for f in dataclasses.fields(Config)})
+    return {k: v for k, v in vars(probe.parse_args(argv)).items()
+            if k in Config.__dataclass_fields__ and v is not dataclasses.MISSING}
 
 
 # ---------------------------------------------------------------- setup
 
 def make_loaders(cfg, train_set, val_set, device):
     workers = default_workers(cfg.workers)
+    # the loaders get generators of their own: starting an epoch draws nothing from the global generator, which a
+    # resumed run sets back to where the stopped run left it
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping_bad,
-                  worker_init_fn=seed_worker, persistent_workers=workers > 0)
-    generator = torch.Generator().manual_seed(cfg.seed)
+                  worker_init_fn=seed_worker, persistent_workers=workers > 0,
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    sampler = EpochSampler(len(train_set), cfg.seed)
     # dropping the last partial batch keeps BatchNorm away from a batch of one
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                                               drop_last=len(train_set) > cfg.batch_size, generator=generator,
-                                               **common)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                                               drop_last=len(train_set) > cfg.batch_size, **common)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size * 2, shuffle=False, **common)
-    return train_loader, val_loader
+    return train_loader, val_loader, sampler
 
 
 def build_optimizer(model, cfg):
@@ -71,25 +103,55 @@ def build_scheduler(optimizer, cfg, steps_per_epoch):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def make_run_dir(cfg, overwrite):
+def new_run_dir(cfg, overwrite):
     name = cfg.run_name or f"{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = os.path.join(cfg.output_dir, name)
     if os.path.exists(os.path.join(run_dir, "last.pt")) and not overwrite:
-        raise UserError(f"{run_dir} already holds a run: pass --overwrite to start it again, "
-                        "or choose another --run-name")
-    os.makedirs(run_dir, exist_ok=True)
+        raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to start it "
+                        "again, or choose another --run-name")
     return run_dir
+
+
+def open_run(cfg, args, given):
+    """(config, run folder, checkpoint to resume or None): a new run, or the one --resume names, with its settings."""
+    if args.resume == "auto" and not cfg.run_name:
+        raise UserError("--resume auto needs the --run-name of the run to continue")
+    path = resume_path(args.resume, os.path.join(cfg.output_dir, cfg.run_name)) if args.resume else None
+    if path is None:
+        if args.resume:
+            print(f"no checkpoint in {os.path.join(cfg.output_dir, cfg.run_name)} yet: starting the run")
+        return cfg, new_run_dir(cfg, args.overwrite), None
+    ckpt = load_resumable(path)
+    cfg, schedule_changed = resumed_config(ckpt["config"], given, args.allow_schedule_change)
+    run_dir = os.path.dirname(path) or "."
+    cfg = dataclasses.replace(cfg, output_dir=os.path.dirname(run_dir) or ".", run_name=os.path.basename(run_dir))
+    ckpt["schedule_changed"] = schedule_changed
+    return cfg, run_dir, ckpt
+
+
+def check_resume_data(ckpt, classes, train_images, allow_change):
+    saved = list(ckpt["classes"])
+    if saved != classes:
+        raise UserError(f"the checkpoint was trained on {short_list(saved)} but the data has {short_list(classes)}: "
+                        "resume with the run's own data (--data-dir)")
+    before = ckpt["progress"]["train_images"]
+    if before != train_images and not allow_change:
+        raise UserError(f"the training set now holds {train_images} readable images, the run was started with "
+                        f"{before}: the epoch order would differ; pass --allow-schedule-change to carry on anyway")
 
 
 # ---------------------------------------------------------------- one epoch
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg, device, dtype):
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg, device, dtype, progress,
+                    stop, save, run_dir):
+    """Train on the epoch's remaining batches, keeping `progress` current after every step so that save() can
+    write a resumable checkpoint at any step. Returns False when a signal asked the run to stop."""
     model.train()
-    total_loss, correct, seen, bad = 0.0, 0, 0, []
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+               initial=progress.step, total=progress.step + len(loader))
     for images, targets, bad_files in bar:
-        bad += bad_files
+        report_bad_files(bad_files, progress, run_dir)
         if len(images) == 0:
             continue
         x = to_float_batch(images, device, cfg.erasing)
@@ -99,28 +161,56 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema,
         loss = criterion(logits, y, epoch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        n = len(y)
-        total_loss += loss.item() * n
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += n
-        rate = seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
-    seconds = time.perf_counter() - start
-    return dict(train_loss=total_loss / max(seen, 1), train_acc=correct / max(seen, 1),
-                images_per_s=seen / seconds, bad=bad)
+        value = loss.item()
+        if math.isfinite(value):
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
+            progress.nonfinite_in_a_row = 0
+            progress.loss_sum += value * len(y)
+            progress.correct += (logits.argmax(1) == y).sum().item()
+            progress.seen += len(y)
+        else:
+            skip_nonfinite_step(value, progress, cfg, dtype, run_dir)
+        scheduler.step()  # the schedule follows the batches, skipped ones included
+        progress.step += 1
+        progress.seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
+                        acc=f"{progress.correct / max(progress.seen, 1):.3f}",
+                        img_s=f"{progress.seen / max(progress.seconds, 1e-9):.0f}")
+        if stop.requested:
+            return False
+        # never in a run of non-finite losses: last.pt stays the state after the last good step
+        if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0 and not progress.nonfinite_in_a_row:
+            save()
+    return True
+
+
+def skip_nonfinite_step(value, progress, cfg, dtype, run_dir):
+    """A nan/inf loss: its step is not applied (the weights stay good); several in a row stop the run."""
+    progress.nonfinite_steps += 1
+    progress.nonfinite_in_a_row += 1
+    where = f"epoch {progress.epoch + 1} step {progress.step + 1}"
+    tqdm.write(f"warning: the loss is {value} at {where}: step skipped")
+    if progress.nonfinite_in_a_row >= NONFINITE_LIMIT:
+        fp16 = ", or train without fp16 (--amp bf16 or --amp off)" if dtype == torch.float16 else ""
+        last = os.path.join(run_dir, "last.pt")
+        kept = f"; {last} still holds the last good state" if os.path.exists(last) else ""
+        raise UserError(f"the loss was not finite for {NONFINITE_LIMIT} steps in a row up to {where}: training "
+                        f"diverged; lower --lr (it is {cfg.lr:g}){fp16}{kept}")
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, dtype, img_size, desc="val"):
-    """Plain cross-entropy and accuracy on the centre crop; the loss does not change with the training loss."""
+def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None):
+    """Plain cross-entropy and accuracy on the centre crop; the loss does not change with the training loss.
+    None when a signal asked the run to stop before the end."""
     model.eval()
     total_loss, preds, targets, bad = 0.0, [], [], []
     for images, y, bad_files in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        if stop is not None and stop.requested:
+            return None
         bad += bad_files
         if len(images) == 0:
             continue
@@ -138,24 +228,7 @@ def evaluate(model, loader, device, dtype, img_size, desc="val"):
 
 # ---------------------------------------------------------------- checkpoints and reports
 
-def checkpoint_state(model, ema, optimizer, scheduler, scaler, cfg, classes, epoch, history, best):
-    return {
-        "model": unwrap(model).state_dict(),
-        "ema": unwrap(ema).state_dict() if ema is not None else None,
-        "ema_updates": int(ema.n_averaged) if ema is not None else 0,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch + 1,  # the next epoch to run
-        "classes": list(classes),
-        "config": dataclasses.asdict(cfg),
-        "history": history,
-        "best": best,
-        "torch_version": str(torch.__version__),
-    }
-
-
-def best_state(model, ema, source, cfg, classes, epoch, scores):
+def best_state(model, ema, source, cfg, classes, class_counts, epoch, scores):
     raw = unwrap(model).state_dict()
     averaged = unwrap(ema).state_dict() if ema is not None else None
     return {
@@ -166,6 +239,7 @@ def best_state(model, ema, source, cfg, classes, epoch, scores):
         "epoch": epoch + 1,
         "scores": scores,
         "classes": list(classes),
+        "class_counts": [int(n) for n in class_counts],
         "config": dataclasses.asdict(cfg),
         "torch_version": str(torch.__version__),
     }
@@ -176,81 +250,161 @@ def write_history(history, run_dir):
     plot_curves(history, os.path.join(run_dir, "curves.png"))
 
 
-def report_bad_files(bad, seen_bad, run_dir):
-    new = sorted(set(bad) - seen_bad)
+def report_bad_files(bad, progress, run_dir=None):
+    """Name each unreadable image once, and keep the whole list in the run folder."""
+    new = sorted(set(bad) - set(progress.skipped_files))
     for message in new:
-        print(f"warning: skipped unreadable image {message}")
-    seen_bad.update(new)
-    if new:
+        tqdm.write(f"warning: skipped unreadable image {message}")
+    progress.skipped_files = sorted(set(progress.skipped_files) | set(new))
+    if new and run_dir:
         with open(os.path.join(run_dir, "skipped_images.txt"), "w") as f:
-            f.write("\n".join(sorted(seen_bad)) + "\n")
+            f.write("\n".join(progress.skipped_files) + "\n")
+
+
+def drop_unreadable(train_set, val_set, cfg, progress, run_dir=None):
+    """Decode every train/val image once before training: name the unreadable ones and leave them out, or stop
+    when they are more than --max-bad-frac of all."""
+    paths = [p for p, _ in train_set.samples + val_set.samples]
+    bad = check_images(paths, default_workers(cfg.workers))
+    report_bad_files(bad.values(), progress, run_dir)
+    if len(bad) > cfg.max_bad_frac * len(paths):
+        where = f" (listed above and in {os.path.join(run_dir, 'skipped_images.txt')})" if run_dir else " (listed above)"
+        raise UserError(f"{len(bad)} of {len(paths)} train/val images ({len(bad) / len(paths):.1%}) cannot be read, "
+                        f"more than --max-bad-frac {cfg.max_bad_frac:g}: repair or remove them{where}, "
+                        "or raise --max-bad-frac")
+    train_set.drop(bad)
+    val_set.drop(bad)
+    return bad
+
+
+def check_data(cfg):
+    """--check-data: the up-front scan alone, over train/, val/ and test/ when there is one."""
+    train_set, val_set, classes = build_train_val(cfg)
+    bad = drop_unreadable(train_set, val_set, cfg, Progress())
+    print(f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val readable images, "
+          f"{len(bad)} unreadable (at most {cfg.max_bad_frac:g} allowed)")
+    test_dir = os.path.join(cfg.data_dir, "test")
+    if os.path.isdir(test_dir):
+        tests = list_images(test_dir)
+        bad_tests = check_images(tests, default_workers(cfg.workers), desc="checking test images")
+        for message in sorted(bad_tests.values()):
+            print(f"warning: unreadable test image {message}")
+        print(f"{len(tests) - len(bad_tests)} test images readable, {len(bad_tests)} unreadable"
+              f"{' (inference.py needs --skip-bad for them)' if bad_tests else ''}")
+    return 0
+
+
+def stop_run(stop, progress, last, steps_per_epoch):
+    print(f"{stop.name}: stopped at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}; "
+          f"saved {last}")
+    print(f"resume with: python train.py --resume {last}")
+    return 128 + stop.signum
 
 
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
-    cfg, args = parse_args(argv)
+    cfg, args, given = parse_args(argv)
+    if args.check_data:
+        return check_data(cfg)
+    cfg, run_dir, ckpt = open_run(cfg, args, given)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     dtype = amp_dtype(cfg, device)
 
     train_set, val_set, classes = build_train_val(cfg)
-    model = build_model(cfg.arch, len(classes), cfg.weights, cfg.head, cfg.head_dropout)
+    model = build_model(cfg.arch, len(classes), "none" if ckpt else cfg.weights, cfg.head, cfg.head_dropout,
+                        classes)
     n_params = count_params(model)
-    print(f"{cfg.arch} with {cfg.head} head: {n_params / 1e6:.1f}M parameters, {len(classes)} classes, "
-          f"{len(train_set)} train / {len(val_set)} val images, device {device}"
-          f"{', ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else ''}")
     if n_params > cfg.max_params:
         raise UserError(f"{cfg.arch} has {n_params / 1e6:.1f}M parameters, over --max-params "
                         f"{cfg.max_params / 1e6:.1f}M (use a smaller --arch or --head linear)")
     model.to(device)
-    run_dir = make_run_dir(cfg, args.overwrite)
+    os.makedirs(run_dir, exist_ok=True)
+    progress = Progress(skipped_files=ckpt["progress"]["skipped_files"] if ckpt else [])
+    drop_unreadable(train_set, val_set, cfg, progress, run_dir)
+    if ckpt:
+        check_resume_data(ckpt, classes, len(train_set), args.allow_schedule_change)
+    print(f"{cfg.arch} with {cfg.head} head: {n_params / 1e6:.1f}M parameters, {len(classes)} classes, "
+          f"{len(train_set)} train / {len(val_set)} val images, device {device}"
+          f"{', ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else ''}")
 
-    train_loader, val_loader = make_loaders(cfg, train_set, val_set, device)
+    train_loader, val_loader, sampler = make_loaders(cfg, train_set, val_set, device)
+    steps_per_epoch = len(train_loader)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = make_ema(model, cfg.ema_decay) if cfg.ema else None
-    weights = class_weights(train_set.class_counts(), cfg.class_weights, cfg.class_weights_beta)
+    class_counts = train_set.class_counts()
+    weights = class_weights(class_counts, cfg.class_weights, cfg.class_weights_beta)
     criterion = TrainLoss(cfg, weights.to(device) if weights is not None else None)
+    progress.train_images = len(train_set)
+    if ckpt:
+        saved = ckpt["progress"]
+        replay = saved["epoch"] * steps_per_epoch + saved["step"] if ckpt["schedule_changed"] else None
+        skipped = progress.skipped_files
+        progress = restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, replay)
+        progress.skipped_files, progress.train_images = skipped, len(train_set)
+        print(f"resuming at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}")
+    remove_stale_temp_files(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(dict(dataclasses.asdict(cfg), classes=classes), f, indent=2)
 
-    history, best, seen_bad = [], {"acc": -1.0, "epoch": -1, "source": "raw"}, set()
-    for epoch in range(cfg.epochs):
-        epoch_start = time.perf_counter()
-        phase, share = loss_phase(cfg, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg,
-                                device, dtype)
-        val = evaluate(model, val_loader, device, dtype, cfg.img_size)
-        val_ema = None
-        if ema is not None and epoch >= cfg.ema_start_epoch:
-            val_ema = evaluate(ema.module, val_loader, device, dtype, cfg.img_size, desc="val (EMA)")
-        report_bad_files(stats["bad"] + val["bad"], seen_bad, run_dir)
+    last = os.path.join(run_dir, "last.pt")
 
-        source, chosen = ("ema", val_ema) if val_ema is not None and val_ema["acc"] > val["acc"] else ("raw", val)
-        row = dict(epoch=epoch + 1, lr=lr, loss_phase=phase, focal_share=share, train_loss=stats["train_loss"],
-                   train_acc=stats["train_acc"], val_loss=val["loss"], val_acc=val["acc"],
-                   val_loss_ema=val_ema["loss"] if val_ema else math.nan,
-                   val_acc_ema=val_ema["acc"] if val_ema else math.nan,
-                   images_per_s=stats["images_per_s"])
-        row["epoch_seconds"] = time.perf_counter() - epoch_start
-        improved = chosen["acc"] > best["acc"]
-        if improved:
-            best = {"acc": chosen["acc"], "epoch": epoch + 1, "source": source}
-            save_atomic(best_state(model, ema, source, cfg, classes, epoch, row), os.path.join(run_dir, "best.pt"))
-            plot_confusion(chosen["targets"], chosen["preds"], classes, os.path.join(run_dir, "confusion_matrix.png"),
-                           title=f"val confusion, epoch {epoch + 1} ({source} weights, acc {chosen['acc']:.4f})")
-        history.append(row)
-        save_atomic(checkpoint_state(model, ema, optimizer, scheduler, scaler, cfg, classes, epoch, history, best),
-                    os.path.join(run_dir, "last.pt"))
-        write_history(history, run_dir)
-        ema_text = f" | val EMA {val_ema['acc']:.4f}" if val_ema else ""
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs} | {phase:5s} | lr {lr:.2e} | train loss {stats['train_loss']:.4f} "
-              f"acc {stats['train_acc']:.4f} | val loss {val['loss']:.4f} acc {val['acc']:.4f}{ema_text}"
-              f" | {stats['images_per_s']:.0f} img/s{' | best' if improved else ''}")
+    def save():
+        save_atomic(training_state(model, ema, optimizer, scheduler, scaler, progress, cfg, classes, class_counts),
+                    last)
 
+    with GracefulStop() as stop:
+        for epoch in range(progress.epoch, cfg.epochs):
+            if progress.step == 0:
+                progress.start_epoch(optimizer.param_groups[0]["lr"])
+            sampler.start_epoch(epoch, progress.step * cfg.batch_size)
+            phase, share = loss_phase(cfg, epoch)
+            finished = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg,
+                                       device, dtype, progress, stop, save, run_dir)
+            val_start = time.perf_counter()
+            val = evaluate(model, val_loader, device, dtype, cfg.img_size, stop=stop) if finished else None
+            val_ema = None
+            if val is not None and ema is not None and epoch >= cfg.ema_start_epoch:
+                val_ema = evaluate(ema.module, val_loader, device, dtype, cfg.img_size, desc="val (EMA)", stop=stop)
+                val = val if val_ema is not None else None
+            if val is None:  # stopped by a signal mid-epoch
+                save()
+                return stop_run(stop, progress, last, steps_per_epoch)
+            report_bad_files(val["bad"] + (val_ema["bad"] if val_ema else []), progress, run_dir)
+
+            source, chosen = ("ema", val_ema) if val_ema is not None and val_ema["acc"] > val["acc"] else ("raw", val)
+            row = dict(epoch=epoch + 1, lr=progress.epoch_lr, loss_phase=phase, focal_share=share,
+                       train_loss=progress.loss_sum / max(progress.seen, 1),
+                       train_acc=progress.correct / max(progress.seen, 1), val_loss=val["loss"], val_acc=val["acc"],
+                       val_loss_ema=val_ema["loss"] if val_ema else math.nan,
+                       val_acc_ema=val_ema["acc"] if val_ema else math.nan,
+                       nonfinite_steps=progress.nonfinite_steps,
+                       images_per_s=progress.seen / max(progress.seconds, 1e-9),
+                       epoch_seconds=progress.seconds + time.perf_counter() - val_start)
+            improved = chosen["acc"] > progress.best["acc"]
+            if improved:
+                progress.best = {"acc": chosen["acc"], "epoch": epoch + 1, "source": source}
+                save_atomic(best_state(model, ema, source, cfg, classes, class_counts, epoch, row),
+                            os.path.join(run_dir, "best.pt"))
+                plot_confusion(chosen["targets"], chosen["preds"], classes,
+                               os.path.join(run_dir, "confusion_matrix.png"),
+                               title=f"val confusion, epoch {epoch + 1} ({source} weights, acc {chosen['acc']:.4f})")
+            progress.history.append(row)
+            progress.epoch, progress.step = epoch + 1, 0
+            save()
+            keep_epoch_copy(run_dir, epoch + 1, cfg.keep_epochs)
+            write_history(progress.history, run_dir)
+            ema_text = f" | val EMA {val_ema['acc']:.4f}" if val_ema else ""
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs} | {phase:5s} | lr {row['lr']:.2e} | train loss "
+                  f"{row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {val['loss']:.4f} acc "
+                  f"{val['acc']:.4f}{ema_text} | {row['images_per_s']:.0f} img/s{' | best' if improved else ''}")
+            if stop.requested:
+                return stop_run(stop, progress, last, steps_per_epoch)
+
+    best = progress.best
     print(f"best val accuracy {best['acc']:.4f} at epoch {best['epoch']} ({best['source']} weights)")
     print(f"run folder: {run_dir}")
     print(f"next: python inference.py --checkpoint {os.path.join(run_dir, 'best.pt')} --data-dir {cfg.data_dir}")

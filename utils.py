@@ -1,6 +1,7 @@
 """EMA of weights, checkpoints, seeding, plots and small helpers shared by the scripts."""
 import os
 import random
+import signal
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -49,6 +50,10 @@ def seed_worker(worker_id):
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    # Ctrl-C and SIGTERM reach the whole process group: the main process stops the run cleanly and shuts the
+    # workers down itself, which it could not do if they had died mid-batch
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def pick_device(name):
@@ -81,11 +86,15 @@ def autocast(device, dtype):
 # ---------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+    """torch.save to a temporary file in the same folder, fsync, rename, fsync the folder: a crash or kill -9 at
+    any moment leaves either the old file or the new one, never a partial one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's owner-only mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -95,6 +104,18 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_folder(folder)
+
+
+def fsync_folder(folder):
+    """Make a rename inside `folder` durable (POSIX; elsewhere the rename itself is all there is)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path):

@@ -1,0 +1,257 @@
+"""Exact resume: what last.pt holds besides the weights, how a run picks it up again, and how a run stops on a signal.
+
+A run is a function of its config: the epoch order and every image's augmentation are drawn from (seed, epoch,
+image), never from a generator that runs on through the epochs, so a resumed run only has to skip the batches it has
+done; the rest (dropout, random erasing, the EMA and optimiser state, the schedule) is saved and loaded as is.
+"""
+import dataclasses
+import glob
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from config import Config, config_from_dict
+from model import UserError
+from utils import load_checkpoint, unwrap
+
+# settings a resumed run may change freely: where things are and how fast they go, not what is computed
+FREE_ON_RESUME = {"data_dir", "output_dir", "run_name", "workers", "device", "weights", "save_every_steps",
+                  "keep_epochs", "max_bad_frac"}
+# settings that give the saved state another meaning: never changed on resume
+FIXED_ON_RESUME = {"arch", "head", "batch_size", "ema", "max_params"}
+
+
+@dataclass
+class Progress:
+    """Where a run stands: with the state_dicts, all that a resumed run needs to carry on bit for bit."""
+    epoch: int = 0  # the epoch in progress, 0-based
+    step: int = 0  # its batches already done
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": -1, "source": "raw"})
+    skipped_files: list = field(default_factory=list)  # unreadable images met so far
+    train_images: int = 0  # size of the training set the epoch order was drawn for
+    # running sums of the epoch in progress, so that its history row is the same after a resume
+    epoch_lr: float = math.nan
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    seconds: float = 0.0
+
+    def start_epoch(self, lr):
+        self.step, self.epoch_lr, self.loss_sum, self.correct, self.seen = 0, lr, 0.0, 0, 0
+        self.nonfinite_steps, self.seconds = 0, 0.0
+
+
+# ---------------------------------------------------------------- the epoch order
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles each epoch with a generator seeded from seed + epoch (as DistributedSampler does) and hands every
+    index out with its own augmentation seed, drawn from the same generator.
+
+    start_epoch(epoch, skip) begins an epoch after its first `skip` indices: a resumed epoch goes on with the very
+    batches and augmentations that the interrupted one would have seen. With num_replicas > 1 each rank takes every
+    num_replicas-th index of the padded permutation, as DistributedSampler does.
+    """
+
+    def __init__(self, size, seed, num_replicas=1, rank=0):
+        self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
+        self.epoch, self.skip = 0, 0
+
+    def start_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def per_rank(self):
+        return math.ceil(self.size / self.num_replicas)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        seeds = torch.randint(2**62, (self.size,), generator=g).tolist()
+        padded = order + order[:self.per_rank() * self.num_replicas - self.size]
+        mine = padded[self.rank::self.num_replicas]
+        return iter([(i, seeds[i]) for i in mine[self.skip:]])
+
+    def __len__(self):
+        return max(0, self.per_rank() - self.skip)
+
+
+# ---------------------------------------------------------------- random number generators
+
+def rng_state():
+    """Every global generator, as plain types and tensors (weights_only loading accepts them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- the training state
+
+def training_state(model, ema, optimizer, scheduler, scaler, progress, cfg, classes, class_counts):
+    """Everything a resumed run needs, in one dict of tensors and plain types."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "ema": unwrap(ema).state_dict() if ema is not None else None,
+        "ema_updates": int(ema.n_averaged) if ema is not None else 0,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "progress": dataclasses.asdict(progress),
+        "rng": rng_state(),
+        "epoch": progress.epoch,  # epochs completed when step is 0
+        "classes": list(classes),
+        "class_counts": [int(n) for n in class_counts],
+        "config": dataclasses.asdict(cfg),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, replay_steps=None):
+    """Load a training_state() into freshly built objects and return its Progress.
+
+    replay_steps: the schedule changed on resume (--allow-schedule-change): instead of loading the old scheduler,
+    step the new one that many times, and keep the new optimiser hyper-parameters (lr, weight decay).
+    """
+    unwrap(model).load_state_dict(ckpt["model"])
+    if ema is not None:
+        unwrap(ema).load_state_dict(ckpt["ema"])
+        ema.n_averaged.fill_(ckpt["ema_updates"])
+    if replay_steps is None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+            for _ in range(replay_steps):
+                scheduler.step()
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, new in zip(optimizer.param_groups, settings):
+            group.update(new)
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])  # last: building the objects above drew random numbers
+    return Progress(**ckpt["progress"])
+
+
+# ---------------------------------------------------------------- --resume
+
+def resume_path(resume, run_dir):
+    """The checkpoint that --resume names: a file, or 'auto' = the run folder's last.pt when there is one."""
+    if resume == "auto":
+        path = os.path.join(run_dir, "last.pt")
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(resume):
+        raise UserError(f"--resume {resume}: no such checkpoint")
+    return resume
+
+
+def load_resumable(path):
+    ckpt = load_checkpoint(path)
+    if "progress" not in ckpt or "optimizer" not in ckpt:
+        raise UserError(f"{path} is not a resumable checkpoint (best.pt holds weights only): resume from the run's "
+                        "last.pt, or start a new run with --weights " + path)
+    return ckpt
+
+
+def resumed_config(saved, given, allow_schedule_change):
+    """The run's saved config with the settings given on this command line; refuses changes that break the run.
+
+    saved: the checkpoint's config dict; given: {field: value} of the flags typed on this command line.
+    """
+    cfg = config_from_dict(saved)
+    defaults = Config()
+    changed = {k: v for k, v in given.items() if v != saved.get(k, getattr(defaults, k))}
+    for name, value in changed.items():
+        old = saved.get(name, getattr(defaults, name))
+        flag = "--" + name.replace("_", "-")
+        if name in FIXED_ON_RESUME:
+            raise UserError(f"{flag} cannot change when resuming (the run has {old}, asked {value}): start a new "
+                            "run, e.g. with --weights <run>/last.pt")
+        if name not in FREE_ON_RESUME and not allow_schedule_change:
+            raise UserError(f"{flag} {value} differs from the resumed run's {old}: pass --allow-schedule-change "
+                            "to continue with the new value (the run then no longer matches an uninterrupted one)")
+    cfg = dataclasses.replace(cfg, **changed)
+    schedule_changed = any(k not in FREE_ON_RESUME for k in changed)
+    return cfg, schedule_changed
+
+
+# ---------------------------------------------------------------- files
+
+def remove_stale_temp_files(run_dir):
+    """A save killed mid-write (kill -9, power loss) leaves its temporary file behind, never a broken last.pt."""
+    for path in glob.glob(os.path.join(run_dir, ".tmp-*.pt")):
+        os.remove(path)
+
+
+def keep_epoch_copy(run_dir, epoch, keep):
+    """Keep last.pt as epoch-NNN.pt too (a hard link: no second write), then prune all but the newest `keep`."""
+    if keep <= 0:
+        return
+    last, copy = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, f"epoch-{epoch:03d}.pt")
+    if os.path.exists(copy):
+        os.remove(copy)
+    try:
+        os.link(last, copy)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(last, copy)
+    # pruned only now that the new copy is on disk
+    for old in sorted(glob.glob(os.path.join(run_dir, "epoch-[0-9][0-9][0-9]*.pt")))[:-keep]:
+        os.remove(old)
+
+
+# ---------------------------------------------------------------- signals
+
+class GracefulStop:
+    """While active, SIGINT and SIGTERM ask the training loop to stop after its current step; a second SIGINT
+    (Ctrl-C twice) stops at once. The handler only records the signal: printing from it could collide with tqdm."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.old = None, {}
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.old = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        return False
