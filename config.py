@@ -50,6 +50,12 @@ class Config:
     lr: float = opt(5e-5, "AdamW peak learning rate")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     head_lr_mult: float = opt(1.0, "learning-rate multiplier for the classifier head")
+    layer_decay: float = opt(1.0, "learning-rate decay per backbone stage, from layer4 (x1) down to the stem "
+                                  "(x decay^4); 1 = one learning rate for the whole backbone")
+    freeze_epochs: int = opt(0, "train only the head for this many epochs (backbone frozen, its BatchNorm in eval "
+                                "mode), then unfreeze")
+    decay_norm_bias: bool = opt(False, "also apply weight decay to normalisation weights and biases, as the seed "
+                                       "did (by default they are excluded)")
     min_lr: float = opt(1e-5, "cosine annealing floor (eta_min)")
     warmup_epochs: float = opt(0.0, "linear warmup length in epochs (fractions allowed)", type=float)
     t_max: float = opt(0.0, "cosine period in epochs; 0 = the whole run (the seed used 50 in a 100-epoch run)",
@@ -76,6 +82,13 @@ class Config:
     class_weights_from: str = opt("focal", "apply class weights to the focal part only (as the seed) or from "
                                            "the first epoch to every loss", choices=["focal", "start"], group="loss")
 
+    # cross-validation
+    folds: int = opt(0, "K-fold cross-validation: pool train/ and val/, split them stratified into K folds (from "
+                        "--seed) and train on K-1 of them; 0 = the given train/val split", group="cross-validation")
+    fold: int = opt(0, "which fold is held out for validation (0 .. K-1)", group="cross-validation")
+    all_folds: bool = opt(False, "train every fold in turn into <run>/fold<i>/ and report out-of-fold accuracy",
+                          group="cross-validation")
+
     # EMA
     ema: bool = opt(True, "keep an exponential moving average of the weights (updated every optimiser step)",
                     group="ema")
@@ -84,7 +97,14 @@ class Config:
 
     # augmentation (train); evaluation is resize + centre crop
     img_size: int = opt(224, "train crop size; evaluation sizes follow it", group="augmentation")
+    eval_size: int = opt(0, "evaluation centre-crop size; 0 = --img-size", group="augmentation")
     eval_crop_ratio: float = opt(0.875, "evaluation: centre crop = resize * ratio (224/256)", group="augmentation")
+    aug: str = opt("seed", "train augmentation: seed = the hand-tuned list below; policy = random resized crop, "
+                           "flip and the --auto-augment policy; light = random resized crop and flip only",
+                   choices=["seed", "policy", "light"], group="augmentation")
+    auto_augment: str = opt("none", "policy of --aug policy: ta_wide = TrivialAugmentWide, rand-m9 = RandAugment "
+                                    "(2 ops, magnitude 9), augmix = AugMix, imagenet = AutoAugment's ImageNet policy",
+                            choices=["none", "ta_wide", "rand-m9", "augmix", "imagenet"], group="augmentation")
     rrc_scale: list = opt([0.08, 1.0], "RandomResizedCrop area range", group="augmentation", nargs=2, type=float)
     affine_degrees: float = opt(30.0, "RandomAffine rotation range in degrees", group="augmentation")
     affine_translate: float = opt(0.15, "RandomAffine translation fraction", group="augmentation")
@@ -98,8 +118,18 @@ class Config:
     blur_kernel: int = opt(5, "GaussianBlur kernel size (odd)", group="augmentation")
     erasing: float = opt(0.2, "RandomErasing probability", group="augmentation")
 
+    # mixing images of a batch (after random erasing); targets become class distributions
+    mixup: float = opt(0.0, "MixUp alpha (0 = off; 0.2-0.8 is usual)", group="mixing")
+    cutmix: float = opt(0.0, "CutMix alpha (0 = off; 1.0 is usual)", group="mixing")
+    mix_prob: float = opt(1.0, "probability that a batch is mixed", group="mixing")
+    mix_switch_prob: float = opt(0.5, "with both --mixup and --cutmix: probability of CutMix for a mixed batch",
+                                 group="mixing")
+    mix_off_epoch: int = opt(0, "no mixing from this epoch on (counted from 0, like --focal-start), so the last "
+                                "epochs see clean images; 0 = mix in every epoch", group="mixing")
 
-GROUPS = ["data", "checkpoints", "model", "training", "loss", "ema", "augmentation"]
+
+GROUPS = ["data", "checkpoints", "model", "training", "loss", "cross-validation", "ema", "augmentation",
+          "mixing"]
 
 
 def add_config_args(parser):

@@ -3,6 +3,7 @@
 Images leave the loader as uint8 tensors; converting to float, normalising and random erasing happen per batch on
 the training device (to_float_batch), which keeps the worker processes light and the host-to-GPU copy 4x smaller.
 """
+import copy
 import os
 import warnings
 from contextlib import contextmanager
@@ -100,6 +101,13 @@ class LabelledImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def with_samples(self, samples):
+        """The same dataset (classes, transform, decoding) over another list of (path, class index) pairs."""
+        other = copy.copy(self)
+        other.samples = list(samples)
+        other.targets = [t for _, t in other.samples]
+        return other
+
     def class_counts(self):
         return np.bincount(self.targets, minlength=len(self.classes))
 
@@ -196,20 +204,52 @@ def collate_skipping_bad(batch):
     return images, second, bad
 
 
+def auto_augment_policy(name):
+    """torchvision's learned or random augmentation policies, as named by --auto-augment."""
+    if name == "ta_wide":
+        return v2.TrivialAugmentWide()
+    if name == "rand-m9":
+        return v2.RandAugment(num_ops=2, magnitude=9)
+    if name == "augmix":
+        return v2.AugMix()
+    if name == "imagenet":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
+    raise ValueError(f"unknown augmentation policy {name}")
+
+
 def train_transform(cfg):
-    """The seed augmentation, every number from the config; output is a uint8 CHW tensor."""
-    b, c, s, h = cfg.jitter
-    steps = [
-        v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale), antialias=True),
-        v2.RandomAffine(degrees=cfg.affine_degrees, translate=(cfg.affine_translate, cfg.affine_translate),
-                        scale=tuple(cfg.affine_scale)),
-        v2.RandomHorizontalFlip(cfg.hflip),
-        v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
-        v2.RandomGrayscale(cfg.grayscale),
-        v2.RandomApply([v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))], p=cfg.blur),
-        v2.PILToTensor(),
-    ]
-    return v2.Compose(steps)
+    """The train augmentation of --aug, every number from the config; output is a uint8 CHW tensor.
+
+    seed: the hand-tuned list; policy: crop, flip and an --auto-augment policy in place of the hand-tuned colour and
+    geometry steps (as torchvision's reference recipes do); light: crop and flip only.
+    """
+    if cfg.aug == "policy" and cfg.auto_augment == "none":
+        raise UserError("--aug policy needs a policy: add --auto-augment ta_wide, rand-m9, augmix or imagenet")
+    if cfg.aug != "policy" and cfg.auto_augment != "none":
+        raise UserError(f"--auto-augment {cfg.auto_augment} replaces the hand-tuned list: add --aug policy")
+    crop_and_flip = [v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale), antialias=True),
+                     v2.RandomHorizontalFlip(cfg.hflip)]
+    if cfg.aug == "light":
+        steps = crop_and_flip
+    elif cfg.aug == "policy":
+        steps = crop_and_flip + [auto_augment_policy(cfg.auto_augment)]
+    else:
+        b, c, s, h = cfg.jitter
+        steps = [
+            crop_and_flip[0],
+            v2.RandomAffine(degrees=cfg.affine_degrees, translate=(cfg.affine_translate, cfg.affine_translate),
+                            scale=tuple(cfg.affine_scale)),
+            crop_and_flip[1],
+            v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
+            v2.RandomGrayscale(cfg.grayscale),
+            v2.RandomApply([v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))], p=cfg.blur),
+        ]
+    return v2.Compose(steps + [v2.PILToTensor()])
+
+
+def eval_crop(cfg):
+    """The evaluation centre-crop size: --eval-size, or the train crop size."""
+    return cfg.eval_size or cfg.img_size
 
 
 def eval_sizes(img_size, crop_ratio):
@@ -256,9 +296,9 @@ def build_train_val(cfg):
     if unknown:
         raise UserError(f"{val_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}")
     # only evaluation decodes JPEGs at reduced size: a random crop may take a small part of the image at full detail
-    draft = eval_sizes(cfg.img_size, cfg.eval_crop_ratio)[0]
+    draft = eval_sizes(eval_crop(cfg), cfg.eval_crop_ratio)[0]
     train = LabelledImages(train_dir, classes, train_transform(cfg))
-    val = LabelledImages(val_dir, classes, eval_transform(cfg.img_size, cfg.eval_crop_ratio), draft_size=draft)
+    val = LabelledImages(val_dir, classes, eval_transform(eval_crop(cfg), cfg.eval_crop_ratio), draft_size=draft)
     empty = [c for c, n in zip(classes, train.class_counts()) if n == 0]
     if empty:
         warnings.warn(f"{len(empty)} class folder(s) of {train_dir} hold no images: {', '.join(empty[:5])}")

@@ -2,11 +2,17 @@
 
     python inference.py --checkpoint checkpoints/<run>/best.pt                 # reads data/test/
     python inference.py --checkpoint best.pt --test-dir photos/ --tta flip-crops --topk 5 --val-dir data/val
+    python inference.py --checkpoint checkpoints/cv                            # ensemble of every best.pt below
+    python inference.py --checkpoint best.pt --val-dir data/val --sweep-eval-size 224 256 288
 
 prediction.csv has the header image_name,pred_label: every test image once, sorted by name, the name without its
 extension, the label being the class folder's own name. Only the checkpoint is needed: no train/ folder, no download.
+Several checkpoints (or a folder of runs) make an ensemble: their softmaxes, each averaged over its TTA views, are
+averaged; they must share the class list.
 """
 import argparse
+import dataclasses
+import glob
 import os
 
 import numpy as np
@@ -16,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import config_from_dict
-from dataset import FlatImages, LabelledImages, center_crop, collate_skipping_bad, eval_transform, eval_sizes, \
-    find_classes, to_float_batch
+from dataset import FlatImages, LabelledImages, center_crop, collate_skipping_bad, eval_crop, eval_transform, \
+    eval_sizes, find_classes, to_float_batch
 from model import UserError, build_model, short_list
 from utils import amp_dtype, autocast, default_workers, load_checkpoint, pick_device, run_cli
 
@@ -27,7 +33,9 @@ TTA_MODES = ["none", "flip", "flip-crops"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Predict the class of every image in a test folder with a trained "
                                             "checkpoint and write prediction.csv (image_name,pred_label).")
-    p.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="best.pt or last.pt written by train.py; several files, or a folder (every best.pt below "
+                        "it, e.g. the fold runs of --all-folds), average their softmaxes")
     p.add_argument("--data-dir", default="data", help="dataset root whose test/ folder is read (default: %(default)s)")
     p.add_argument("--test-dir", default=None, help="folder of test images; overrides --data-dir/test")
     p.add_argument("--output", default="prediction.csv", help="CSV to write (default: %(default)s)")
@@ -42,6 +50,14 @@ def parse_args(argv=None):
                         "(default: %(default)s)")
     p.add_argument("--val-dir", default=None,
                    help="a labelled folder (<class>/<image>): report its accuracy without and with the chosen TTA")
+    p.add_argument("--eval-size", type=int, default=0,
+                   help="centre-crop size at test time (default: the size each checkpoint was evaluated at)")
+    p.add_argument("--eval-crop-ratio", type=float, default=0.0,
+                   help="crop / resize ratio at test time, e.g. 224/232 = 0.9655 as torchvision's V2 weights "
+                        "(default: each checkpoint's own)")
+    p.add_argument("--sweep-eval-size", type=int, nargs="+", default=[], metavar="SIZE",
+                   help="with --val-dir: also report the val accuracy at each of these crop sizes, to find the best "
+                        "test resolution for a model trained at another one")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=-1, help="loader processes, -1 = one per free core (default: -1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
@@ -51,6 +67,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.topk < 0:
         p.error("--topk must be 0 or more")
+    if args.sweep_eval_size and not args.val_dir:
+        p.error("--sweep-eval-size needs --val-dir")
     return args
 
 
@@ -67,6 +85,20 @@ def select_weights(ckpt, which, path):
     return ckpt.get("raw", ckpt["model"]), "raw"
 
 
+def checkpoint_files(paths):
+    """The files named, with a folder standing for every best.pt below it (sorted: fold0, fold1, ...)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "**", "best.pt"), recursive=True))
+            if not found:
+                raise UserError(f"{path} holds no best.pt (in it or in any folder below it)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def load_model(path, which, device):
     """(model, config, class names, weights source, class prior): the prior is the training class frequencies."""
     ckpt = load_checkpoint(path)
@@ -81,6 +113,25 @@ def load_model(path, which, device):
         raise UserError(f"{path} does not match its own config ({cfg.arch}, {len(classes)} classes): "
                         f"{str(e).splitlines()[0]}") from None
     return model.to(device).eval(), cfg, classes, source, (counts / counts.sum()).astype(np.float32)
+
+
+def load_members(args, device):
+    """Every checkpoint as (model, config, weights source, file), with the test-time sizes of the command line;
+    the class names they share and the mean of their class priors."""
+    members, classes, priors = [], None, []
+    for path in checkpoint_files(args.checkpoint):
+        model, cfg, own_classes, source, prior = load_model(path, args.weights, device)
+        if classes is None:
+            classes, first = own_classes, path
+        elif own_classes != classes:
+            raise UserError(f"{path} was trained on other classes than {first} "
+                            f"({len(own_classes)} vs {len(classes)} classes, or another order): they cannot be "
+                            "ensembled")
+        cfg = dataclasses.replace(cfg, eval_size=args.eval_size or eval_crop(cfg),
+                                  eval_crop_ratio=args.eval_crop_ratio or cfg.eval_crop_ratio)
+        members.append((model, cfg, source, path))
+        priors.append(prior)
+    return members, classes, np.mean(priors, axis=0)
 
 
 # ---------------------------------------------------------------- test-time augmentation
@@ -134,6 +185,23 @@ def make_loader(dataset, batch_size, workers):
                                        collate_fn=collate_skipping_bad)
 
 
+def ensemble_probs(members, make_dataset, args, device, mode, desc, num_classes):
+    """The mean over the members of their TTA-averaged softmax; each member sees the images at its own sizes.
+
+    make_dataset(transform, draft_size) builds the folder's dataset; its order is fixed, so rows line up.
+    Returns the probabilities, the keys of the readable images and the messages of the unreadable ones.
+    """
+    total, keys, bad = 0.0, None, []
+    for i, (model, cfg, _, _) in enumerate(members):
+        crop = eval_crop(cfg)
+        dataset = make_dataset(eval_transform(crop, cfg.eval_crop_ratio), eval_sizes(crop, cfg.eval_crop_ratio)[0])
+        label = desc if len(members) == 1 else f"{desc} {i + 1}/{len(members)}"
+        probs, keys, bad = run_loader(model, make_loader(dataset, args.batch_size, args.workers), device, crop, mode,
+                                      label, num_classes, amp_dtype(cfg, device), args.skip_bad)
+        total = total + probs
+    return total / len(members), keys, bad
+
+
 # ---------------------------------------------------------------- outputs
 
 def write_predictions(names, probs, classes, path):
@@ -154,37 +222,50 @@ def write_topk(names, probs, classes, k, path):
     df.sort_values("image_name", kind="stable").to_csv(path, index=False)
 
 
-def validate(model, cfg, classes, val_dir, args, device, dtype):
+def val_accuracy(members, classes, val_dir, args, device, mode):
+    def make_dataset(transform, draft):
+        return LabelledImages(val_dir, classes, transform, draft_size=draft)
+    probs, targets, _ = ensemble_probs(members, make_dataset, args, device, mode, f"val ({mode})", len(classes))
+    return float((probs.argmax(1) == np.array(targets)).mean()), len(targets)
+
+
+def validate(members, classes, val_dir, args, device):
     unknown = sorted(set(find_classes(val_dir)) - set(classes))
     if unknown:
         raise UserError(f"{val_dir} has class folders the checkpoint does not know ({short_list(unknown)}); "
                         f"it was trained on {short_list(classes)}")
-    transform = eval_transform(cfg.img_size, cfg.eval_crop_ratio)
-    val_set = LabelledImages(val_dir, classes, transform, draft_size=eval_sizes(cfg.img_size, cfg.eval_crop_ratio)[0])
-    loader = make_loader(val_set, args.batch_size, args.workers)
+    if any(cfg.folds for _, cfg, _, _ in members):
+        print("note: cross-validation runs trained on part of val/, so this accuracy is optimistic; the out-of-fold "
+              "accuracy printed by train.py --all-folds is the fair estimate")
     for mode in dict.fromkeys(["none", args.tta]):
-        probs, targets, _ = run_loader(model, loader, device, cfg.img_size, mode, f"val ({mode})", len(classes),
-                                       dtype, args.skip_bad)
-        acc = float((probs.argmax(1) == np.array(targets)).mean())
-        print(f"val accuracy with TTA {mode:10s}: {acc:.4f} ({len(targets)} images)")
+        acc, n = val_accuracy(members, classes, val_dir, args, device, mode)
+        print(f"val accuracy with TTA {mode:10s}: {acc:.4f} ({n} images)")
+    # a ResNet pools globally, so it runs at any size; trained on small random crops it often scores best on
+    # larger test crops (Touvron et al. 2019, "Fixing the train-test resolution discrepancy")
+    for size in args.sweep_eval_size:
+        at_size = [(m, dataclasses.replace(cfg, eval_size=size), s, p) for m, cfg, s, p in members]
+        acc, n = val_accuracy(at_size, classes, val_dir, args, device, args.tta)
+        resize, _ = eval_sizes(size, at_size[0][1].eval_crop_ratio)
+        print(f"val accuracy at eval size {size} (resize {resize}), TTA {args.tta}: {acc:.4f} ({n} images)")
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    model, cfg, classes, source, prior = load_model(args.checkpoint, args.weights, device)
-    dtype = amp_dtype(cfg, device)
-    print(f"{cfg.arch} ({source} weights), {len(classes)} classes, TTA {args.tta}, device {device}")
+    members, classes, prior = load_members(args, device)
+    for _, cfg, source, path in members:
+        print(f"{path}: {cfg.arch} ({source} weights), eval size {eval_crop(cfg)}, crop ratio {cfg.eval_crop_ratio:g}")
+    print(f"{len(members)} model(s), {len(classes)} classes, TTA {args.tta}, device {device}")
     if args.val_dir:
-        validate(model, cfg, classes, args.val_dir, args, device, dtype)
+        validate(members, classes, args.val_dir, args, device)
 
     test_dir = args.test_dir or os.path.join(args.data_dir, "test")
-    resize, _ = eval_sizes(cfg.img_size, cfg.eval_crop_ratio)
-    test_set = FlatImages(test_dir, eval_transform(cfg.img_size, cfg.eval_crop_ratio), draft_size=resize)
-    probs, names, bad = run_loader(model, make_loader(test_set, args.batch_size, args.workers), device, cfg.img_size,
-                                   args.tta, "test", len(classes), dtype, args.skip_bad)
+
+    def test_images(transform, draft):
+        return FlatImages(test_dir, transform, draft_size=draft)
+    probs, names, bad = ensemble_probs(members, test_images, args, device, args.tta, "test", len(classes))
     if bad:  # every test file keeps its row: the unreadable ones get the training prior, i.e. the commonest class
-        missing = sorted(set(test_set.names) - set(names))
+        missing = sorted(set(test_images(None, None).names) - set(names))
         names += missing
         probs = np.concatenate([probs, np.tile(prior, (len(missing), 1))])
         print(f"warning: {len(missing)} unreadable test image(s) predicted as the most frequent training class "

@@ -1,6 +1,7 @@
 """A torchvision ResNet-family backbone with its fc replaced by our classifier head.
 
     python model.py --list [--num-classes 100]     # every supported arch with its parameter count
+    python model.py --list --flops --img-size 224  # and its forward cost per image
 """
 import argparse
 import os
@@ -138,12 +139,25 @@ def head_parameters(model):
     return list(model.fc.parameters())
 
 
-def list_archs(num_classes, head, max_params):
-    print(f"{'arch':20s} {'params':>10s}  fits {max_params / 1e6:.0f}M  (with the {head} head, {num_classes} classes)")
+def forward_flops(model, img_size):
+    """Floating-point operations of one forward pass of one image (a multiply-add counts 2), on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.empty(1, 3, img_size, img_size))
+    return counter.get_total_flops()
+
+
+def list_archs(num_classes, head, max_params, img_size=0):
+    flops_title = f"  GFLOPs/img at {img_size}" if img_size else ""
+    print(f"{'arch':20s} {'params':>10s}  fits {max_params / 1e6:.0f}M{flops_title}  "
+          f"(with the {head} head, {num_classes} classes)")
     for arch in ARCHS:
         with torch.device("meta"):  # shapes only: no memory, no init time
-            n = count_params(build_model(arch, num_classes, weights="none", head=head))
-        print(f"{arch:20s} {n / 1e6:9.1f}M  {'yes' if n <= max_params else 'no'}")
+            model = build_model(arch, num_classes, weights="none", head=head)
+        n = count_params(model)
+        flops = f"  {forward_flops(model, img_size) / 1e9:8.1f}" if img_size else ""
+        fits = "yes" if n <= max_params else "no"
+        print(f"{arch:20s} {n / 1e6:9.1f}M  {fits:9s}{flops}".rstrip())
 
 
 def main(argv=None):
@@ -152,11 +166,14 @@ def main(argv=None):
     parser.add_argument("--num-classes", type=int, default=100, help="classes of the head (default: %(default)s)")
     parser.add_argument("--head", choices=["mlp", "linear"], default="mlp", help="head kind (default: %(default)s)")
     parser.add_argument("--max-params", type=float, default=100e6, help="budget (default: %(default)s)")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count each arch's forward GFLOPs per image at --img-size (a few seconds)")
+    parser.add_argument("--img-size", type=int, default=224, help="image side for --flops (default: %(default)s)")
     args = parser.parse_args(argv)
     if not args.list:
         parser.print_help()
         return 0
-    list_archs(args.num_classes, args.head, args.max_params)
+    list_archs(args.num_classes, args.head, args.max_params, args.img_size if args.flops else 0)
     return 0
 
 

@@ -41,7 +41,7 @@ class Progress:
     # running sums of the epoch in progress, so that its history row is the same after a resume
     epoch_lr: float = math.nan
     loss_sum: float = 0.0
-    correct: int = 0
+    correct: float = 0.0  # a mixed image counts the target share of its predicted class
     seen: int = 0
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0

@@ -23,10 +23,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import Config, add_config_args, config_from_args
-from dataset import (build_train_val, check_images, collate_skipping_bad, center_crop, list_images,
+from dataset import (build_train_val, check_images, collate_skipping_bad, center_crop, eval_crop, list_images,
                      to_float_batch)
+from finetune import backbone_frozen, param_groups, reported_lr, set_backbone_frozen
+from folds import fold_datasets, run_all_folds, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
-from model import UserError, build_model, count_params, head_parameters, short_list
+from mix import build_mixer, count_correct
+from model import UserError, build_model, count_params, short_list
 from resume import (EpochSampler, GracefulStop, Progress, keep_epoch_copy, load_resumable, remove_stale_temp_files,
                     restore_training_state, resume_path, resumed_config, training_state)
 from utils import (amp_dtype, autocast, default_workers, make_ema, pick_device, plot_confusion, plot_curves, run_cli,
@@ -85,27 +88,33 @@ def make_loaders(cfg, train_set, val_set, device):
 
 
 def build_optimizer(model, cfg):
-    head = {id(p) for p in head_parameters(model)}
-    backbone = [p for p in model.parameters() if id(p) not in head]
-    groups = [{"params": backbone, "lr": cfg.lr},
-              {"params": head_parameters(model), "lr": cfg.lr * cfg.head_lr_mult}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW over the stage-wise parameter groups of finetune.py (learning rate and weight decay per group)."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch):
-    """Per-step cosine annealing to min_lr over the whole run (or --t-max epochs), after an optional warmup."""
+    """Per-step cosine annealing to min_lr over the whole run (or --t-max epochs), after an optional warmup.
+
+    Every group anneals from its own lr to min_lr scaled like it (min_lr * group lr / --lr), so a stage that starts
+    below --min-lr under --layer-decay still decreases; with one lr for all groups this is CosineAnnealingLR.
+    """
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    period = (cfg.t_max or cfg.epochs) * steps_per_epoch - warmup
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(period)), eta_min=cfg.min_lr)
+    period = max(1, int((cfg.t_max or cfg.epochs) * steps_per_epoch - warmup))
+    floor = cfg.min_lr / cfg.lr
+    cosine = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: floor + (1 - floor) * (1 + math.cos(math.pi * step / period)) / 2)
     if warmup <= 0:
         return cosine
     ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
+def run_name(cfg):
+    return cfg.run_name or f"{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
 def new_run_dir(cfg, overwrite):
-    name = cfg.run_name or f"{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = os.path.join(cfg.output_dir, name)
+    run_dir = os.path.join(cfg.output_dir, run_name(cfg))
     if os.path.exists(os.path.join(run_dir, "last.pt")) and not overwrite:
         raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to start it "
                         "again, or choose another --run-name")
@@ -143,10 +152,11 @@ def check_resume_data(ckpt, classes, train_images, allow_change):
 # ---------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg, device, dtype, progress,
-                    stop, save, run_dir):
+                    stop, save, run_dir, mixer=None):
     """Train on the epoch's remaining batches, keeping `progress` current after every step so that save() can
     write a resumable checkpoint at any step. Returns False when a signal asked the run to stop."""
     model.train()
+    set_backbone_frozen(model, backbone_frozen(cfg, epoch))
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                initial=progress.step, total=progress.step + len(loader))
@@ -156,6 +166,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema,
             continue
         x = to_float_batch(images, device, cfg.erasing)
         y = targets.to(device, non_blocking=True)
+        if mixer is not None:
+            x, y = mixer(x, y, epoch)  # y becomes (N, C) class distributions when the batch is mixed
         with autocast(device, dtype):
             logits = model(x)
         loss = criterion(logits, y, epoch)
@@ -169,7 +181,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema,
                 ema.update_parameters(model)
             progress.nonfinite_in_a_row = 0
             progress.loss_sum += value * len(y)
-            progress.correct += (logits.argmax(1) == y).sum().item()
+            progress.correct += count_correct(logits, y)
             progress.seen += len(y)
         else:
             skip_nonfinite_step(value, progress, cfg, dtype, run_dir)
@@ -307,12 +319,15 @@ def main(argv=None):
     cfg, args, given = parse_args(argv)
     if args.check_data:
         return check_data(cfg)
+    if cfg.all_folds:
+        return run_all_folds(main, argv, cfg, run_name(cfg))
     cfg, run_dir, ckpt = open_run(cfg, args, given)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     dtype = amp_dtype(cfg, device)
 
     train_set, val_set, classes = build_train_val(cfg)
+    train_set, val_set, split = fold_datasets(cfg, train_set, val_set, classes)
     model = build_model(cfg.arch, len(classes), "none" if ckpt else cfg.weights, cfg.head, cfg.head_dropout,
                         classes)
     n_params = count_params(model)
@@ -321,6 +336,7 @@ def main(argv=None):
                         f"{cfg.max_params / 1e6:.1f}M (use a smaller --arch or --head linear)")
     model.to(device)
     os.makedirs(run_dir, exist_ok=True)
+    write_split(split, run_dir)
     progress = Progress(skipped_files=ckpt["progress"]["skipped_files"] if ckpt else [])
     drop_unreadable(train_set, val_set, cfg, progress, run_dir)
     if ckpt:
@@ -338,6 +354,7 @@ def main(argv=None):
     class_counts = train_set.class_counts()
     weights = class_weights(class_counts, cfg.class_weights, cfg.class_weights_beta)
     criterion = TrainLoss(cfg, weights.to(device) if weights is not None else None)
+    mixer = build_mixer(cfg, len(classes))
     progress.train_images = len(train_set)
     if ckpt:
         saved = ckpt["progress"]
@@ -359,16 +376,17 @@ def main(argv=None):
     with GracefulStop() as stop:
         for epoch in range(progress.epoch, cfg.epochs):
             if progress.step == 0:
-                progress.start_epoch(optimizer.param_groups[0]["lr"])
+                progress.start_epoch(reported_lr(optimizer))
             sampler.start_epoch(epoch, progress.step * cfg.batch_size)
             phase, share = loss_phase(cfg, epoch)
             finished = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg,
-                                       device, dtype, progress, stop, save, run_dir)
+                                       device, dtype, progress, stop, save, run_dir, mixer)
             val_start = time.perf_counter()
-            val = evaluate(model, val_loader, device, dtype, cfg.img_size, stop=stop) if finished else None
+            val = evaluate(model, val_loader, device, dtype, eval_crop(cfg), stop=stop) if finished else None
             val_ema = None
             if val is not None and ema is not None and epoch >= cfg.ema_start_epoch:
-                val_ema = evaluate(ema.module, val_loader, device, dtype, cfg.img_size, desc="val (EMA)", stop=stop)
+                val_ema = evaluate(ema.module, val_loader, device, dtype, eval_crop(cfg), desc="val (EMA)",
+                                   stop=stop)
                 val = val if val_ema is not None else None
             if val is None:  # stopped by a signal mid-epoch
                 save()
@@ -392,6 +410,8 @@ def main(argv=None):
                 plot_confusion(chosen["targets"], chosen["preds"], classes,
                                os.path.join(run_dir, "confusion_matrix.png"),
                                title=f"val confusion, epoch {epoch + 1} ({source} weights, acc {chosen['acc']:.4f})")
+                if cfg.folds:
+                    write_oof(run_dir, cfg, val_set, chosen["preds"], classes)
             progress.history.append(row)
             progress.epoch, progress.step = epoch + 1, 0
             save()

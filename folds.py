@@ -1,0 +1,90 @@
+"""K-fold cross-validation: a stratified split of train/ + val/, one training run per held-out fold.
+
+    python train.py --folds 5 --fold 0 --run-name cv            # one fold
+    python train.py --folds 5 --all-folds --run-name cv         # folds 0..4 into checkpoints/cv/fold<i>/
+
+The split depends only on the file list and --seed, so every fold run of one seed sees the same split; each run
+stores it as folds.csv (image path relative to --data-dir, class, fold). With --all-folds, every image is predicted
+once by the model that did not train on it: the out-of-fold accuracy, an estimate of how the 5-model ensemble's
+members generalise that uses all the labelled images (it is slightly optimistic: each fold's best epoch is chosen
+on the same held-out fold).
+"""
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+from model import UserError
+
+
+def check_fold_args(cfg):
+    if cfg.all_folds and cfg.folds < 2:
+        raise UserError("--all-folds needs --folds K (K >= 2)")
+    if cfg.folds and (cfg.folds < 2 or not 0 <= cfg.fold < cfg.folds):
+        raise UserError(f"--folds {cfg.folds} --fold {cfg.fold}: need K >= 2 and 0 <= fold < K")
+
+
+def assign_folds(targets, k, seed):
+    """Fold index (0 .. k-1) per sample: every fold holds about 1/k of each class, reproducible from the seed."""
+    from sklearn.model_selection import StratifiedKFold  # imported here: sklearn costs a second
+    targets = np.asarray(targets)
+    counts = np.bincount(targets)
+    if counts[counts > 0].min() < k:
+        raise UserError(f"--folds {k}: some class has only {counts[counts > 0].min()} images, fewer than the folds")
+    folds = np.empty(len(targets), dtype=int)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for i, (_, held_out) in enumerate(splitter.split(np.zeros(len(targets)), targets)):
+        folds[held_out] = i
+    return folds
+
+
+def fold_datasets(cfg, train_set, val_set, classes):
+    """(train, held-out, split table) for --folds K --fold i; train keeps the train augmentation, the held-out fold
+    the evaluation transform. Without --folds, the datasets come back as they are and no split."""
+    check_fold_args(cfg)
+    if not cfg.folds:
+        return train_set, val_set, None
+    pool = train_set.samples + val_set.samples
+    folds = assign_folds([t for _, t in pool], cfg.folds, cfg.seed)
+    split = pd.DataFrame({"image": [os.path.relpath(p, cfg.data_dir) for p, _ in pool],
+                          "label": [classes[t] for _, t in pool], "fold": folds})
+    train = train_set.with_samples([s for s, f in zip(pool, folds) if f != cfg.fold])
+    held_out = val_set.with_samples([s for s, f in zip(pool, folds) if f == cfg.fold])
+    return train, held_out, split
+
+
+def write_split(split, run_dir):
+    if split is not None:
+        split.to_csv(os.path.join(run_dir, "folds.csv"), index=False)
+
+
+def write_oof(run_dir, cfg, val_set, preds, classes):
+    """The held-out fold's predictions of the best epoch (centre crop), for the out-of-fold accuracy."""
+    if len(preds) != len(val_set.samples):
+        print("warning: some held-out images were unreadable; oof.csv is not written for this fold")
+        return
+    pd.DataFrame({"image": [os.path.relpath(p, cfg.data_dir) for p, _ in val_set.samples],
+                  "label": [classes[t] for _, t in val_set.samples],
+                  "pred": [classes[i] for i in preds], "fold": cfg.fold}).to_csv(
+        os.path.join(run_dir, "oof.csv"), index=False)
+
+
+def run_all_folds(train_main, argv, cfg, run_name):
+    """Train folds 0 .. K-1 one after the other (each a full train.py run), then report out-of-fold accuracy."""
+    check_fold_args(cfg)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(cfg.folds):
+        print(f"==== fold {i + 1}/{cfg.folds}")
+        code = train_main(argv + ["--no-all-folds", "--fold", str(i), "--run-name", f"{run_name}/fold{i}"])
+        if code:
+            return code
+    parent = os.path.join(cfg.output_dir, run_name)
+    parts = [os.path.join(parent, f"fold{i}", "oof.csv") for i in range(cfg.folds)]
+    oof = pd.concat([pd.read_csv(p, dtype=str) for p in parts if os.path.exists(p)], ignore_index=True)
+    oof.to_csv(os.path.join(parent, "oof.csv"), index=False)
+    accuracy = float((oof["label"] == oof["pred"]).mean())
+    print(f"out-of-fold accuracy {accuracy:.4f} over {len(oof)} images ({cfg.folds} folds); written to "
+          f"{os.path.join(parent, 'oof.csv')}")
+    print(f"next: python inference.py --checkpoint {parent} --data-dir {cfg.data_dir}")
+    return 0
