@@ -21,7 +21,10 @@ class Config:
     data_dir: str = opt("data", "dataset root holding train/<class>/ and val/<class>/", group="data")
     output_dir: str = opt("checkpoints", "where run folders are written", group="data")
     run_name: str = opt("", "run folder name under --output-dir (default: <arch>-<date>-<time>)", group="data")
-    workers: int = opt(-1, "data loader worker processes (-1: one per free CPU core, at most 8)", group="data")
+    workers: int = opt(-1, "data loader worker processes (-1: one per free CPU core, at most 16)", group="data")
+    cache: str = opt("", "folder for a pre-resized copy of the images (short side 9/7 of --img-size, JPEG q95), "
+                         "written on first use and rebuilt for files that change; empty = decode the originals",
+                     group="data")
     max_bad_frac: float = opt(0.01, "every train/val image is decoded once before training: unreadable ones are "
                                     "named and left out, and more than this fraction of them stops the run",
                               group="data")
@@ -65,6 +68,18 @@ class Config:
                       choices=["auto", "cpu", "cuda"])
     amp: str = opt("auto", "mixed precision on CUDA: auto = bf16 where supported, else fp16; always off on CPU",
                    choices=["auto", "bf16", "fp16", "off"])
+    accum_steps: int = opt(1, "split each --batch-size step into N micro-batches whose gradients add up (same "
+                              "effective batch for a smaller GPU; BatchNorm then sees micro-batches)")
+
+    # speed (each on by default where the hardware has it)
+    channels_last: bool = opt(True, "channels_last memory format for the model and its input batches",
+                              group="speed")
+    cudnn_benchmark: bool = opt(True, "CUDA: let cuDNN time its convolution algorithms and keep the fastest",
+                                group="speed")
+    tf32: bool = opt(True, "CUDA: TensorFloat-32 matmuls and convolutions where autocast leaves float32",
+                     group="speed")
+    compile: bool = opt(False, "torch.compile the model (minutes of compilation, then faster steps)",
+                        group="speed")
 
     # loss
     loss: str = opt("schedule", "ce: label-smoothed cross-entropy; focal: per-sample focal loss; "
@@ -117,6 +132,10 @@ class Config:
     blur_sigma: list = opt([0.1, 1.0], "GaussianBlur sigma range", group="augmentation", nargs=2, type=float)
     blur_kernel: int = opt(5, "GaussianBlur kernel size (odd)", group="augmentation")
     erasing: float = opt(0.2, "RandomErasing probability", group="augmentation")
+    augment_on: str = opt("auto", "where colour jitter, grayscale and blur run: batch = per batch on the training "
+                                  "device, with per-image draws; loader = per image in the loader workers, as the "
+                                  "seed; auto = batch when training on CUDA, loader on the CPU (where PIL is faster)",
+                          choices=["auto", "batch", "loader"], group="augmentation")
 
     # mixing images of a batch (after random erasing); targets become class distributions
     mixup: float = opt(0.0, "MixUp alpha (0 = off; 0.2-0.8 is usual)", group="mixing")
@@ -128,7 +147,7 @@ class Config:
                                 "epochs see clean images; 0 = mix in every epoch", group="mixing")
 
 
-GROUPS = ["data", "checkpoints", "model", "training", "loss", "cross-validation", "ema", "augmentation",
+GROUPS = ["data", "checkpoints", "model", "training", "speed", "loss", "cross-validation", "ema", "augmentation",
           "mixing"]
 
 

@@ -4,12 +4,16 @@ Images leave the loader as uint8 tensors; converting to float, normalising and r
 the training device (to_float_batch), which keeps the worker processes light and the host-to-GPU copy 4x smaller.
 """
 import copy
+import hashlib
+import math
 import os
+import tempfile
 import warnings
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -83,12 +87,54 @@ def load_rgb(path, draft_size=None):
         raise BadImage(path, f"cannot decode image ({e})") from None
 
 
+def cache_file(cache_dir, path, short_side):
+    """Where the resized copy of `path` lives; the name changes with the file's size and mtime, so an edited or
+    replaced image is decoded again instead of served stale."""
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{short_side}"
+    return os.path.join(cache_dir, hashlib.sha1(key.encode()).hexdigest()[:20] + ".jpg")
+
+
+def load_cached(path, cache_dir, short_side):
+    """The image with its short side resized to `short_side` (never enlarged), written to cache_dir as JPEG q95
+    on first use (atomically: loader workers may race) and read from there afterwards."""
+    try:
+        target = cache_file(cache_dir, path, short_side)
+    except OSError as e:
+        raise BadImage(path, f"cannot read file ({e})") from None
+    if os.path.exists(target):
+        try:
+            return load_rgb(target)
+        except BadImage:
+            pass  # a damaged cache entry: rebuild it from the source
+    img = load_rgb(path, draft_size=short_side)
+    if min(img.size) > short_side:
+        img = v2.functional.resize(img, short_side, antialias=True)
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".jpg")
+    with os.fdopen(fd, "wb") as f:
+        img.save(f, "JPEG", quality=95, subsampling=0)  # 4:4:4: colour edges kept
+    os.replace(tmp, target)
+    return img
+
+
+def cache_side(img_size, crop_ratio):
+    """Short side of cached images: 9/7 of the crop (288 for 224), and never below the evaluation resize."""
+    return max(math.ceil(img_size * 9 / 7), eval_sizes(img_size, crop_ratio)[0])
+
+
+def open_image(path, draft_size=None, cache=None):
+    """load_rgb, or the cached copy when cache = (folder, short side) is given."""
+    return load_cached(path, *cache) if cache else load_rgb(path, draft_size)
+
+
 class LabelledImages(torch.utils.data.Dataset):
     """(path, class index) pairs from root/<class>/ for the given class list; an unreadable image comes back as
     (None, target, reason) so that the loop can skip it and name it."""
 
-    def __init__(self, root, classes, transform, draft_size=None):
+    def __init__(self, root, classes, transform, draft_size=None, cache=None):
         self.root, self.classes, self.transform, self.draft_size = root, list(classes), transform, draft_size
+        self.cache = cache
         self.samples = []
         for index, name in enumerate(self.classes):
             folder = os.path.join(root, name)
@@ -122,7 +168,7 @@ class LabelledImages(torch.utils.data.Dataset):
         i, seed = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[i]
         try:
-            img = load_rgb(path, self.draft_size)
+            img = open_image(path, self.draft_size, self.cache)
         except BadImage as e:
             return None, target, str(e)  # the training loop names it and counts it
         with seeded(seed):
@@ -217,11 +263,34 @@ def auto_augment_policy(name):
     raise ValueError(f"unknown augmentation policy {name}")
 
 
+def loader_options(workers, device):
+    """DataLoader settings shared by training and prediction: persistent, prefetching workers and pinned memory
+    (so that the non-blocking copies to the GPU overlap the compute)."""
+    options = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping_bad)
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=4)
+    return options
+
+
+def batch_augment_on(cfg):
+    """Whether the seed list's colour steps run per batch on the device (BatchAugment) rather than per image."""
+    if cfg.aug != "seed":
+        return False
+    if cfg.augment_on == "auto":
+        return cfg.device != "cpu" and torch.cuda.is_available()
+    return cfg.augment_on == "batch"
+
+
 def train_transform(cfg):
     """The train augmentation of --aug, every number from the config; output is a uint8 CHW tensor.
 
     seed: the hand-tuned list; policy: crop, flip and an --auto-augment policy in place of the hand-tuned colour and
     geometry steps (as torchvision's reference recipes do); light: crop and flip only.
+
+    With the seed list, when the batch augmentation is on (training on CUDA, or --augment-on batch) only the
+    geometric steps run here, on the PIL image; colour jitter, grayscale and blur follow per batch on the GPU
+    (BatchAugment), where they cost next to nothing instead of PIL's HSV round trip and the tensor blur of a PIL
+    image. Otherwise the whole list runs here, per image.
     """
     if cfg.aug == "policy" and cfg.auto_augment == "none":
         raise UserError("--aug policy needs a policy: add --auto-augment ta_wide, rand-m9, augmix or imagenet")
@@ -234,12 +303,15 @@ def train_transform(cfg):
     elif cfg.aug == "policy":
         steps = crop_and_flip + [auto_augment_policy(cfg.auto_augment)]
     else:
-        b, c, s, h = cfg.jitter
         steps = [
             crop_and_flip[0],
             v2.RandomAffine(degrees=cfg.affine_degrees, translate=(cfg.affine_translate, cfg.affine_translate),
                             scale=tuple(cfg.affine_scale)),
             crop_and_flip[1],
+        ]
+    if cfg.aug == "seed" and not batch_augment_on(cfg):
+        b, c, s, h = cfg.jitter
+        steps += [
             v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
             v2.RandomGrayscale(cfg.grayscale),
             v2.RandomApply([v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))], p=cfg.blur),
@@ -272,16 +344,165 @@ def center_crop(batch, size):
     return batch[..., top:top + size, left:left + size]
 
 
-def to_float_batch(batch, device, erasing=0.0):
-    """uint8 NCHW on any device -> normalised float on `device`, with per-image random erasing when training."""
-    x = batch.to(device, non_blocking=True).float().div_(255)
+def to_float_batch(batch, device, erasing=0.0, augment=None, channels_last=False):
+    """uint8 NCHW on any device -> normalised float on `device`; training adds the batch augmentation and
+    per-image random erasing (after normalisation, as the seed's RandomErasing)."""
+    x = batch.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)  # on the uint8 tensor: a quarter of the bytes
+    x = x.float().div_(255)
+    if augment is not None:
+        x = augment(x)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     x = x.sub_(mean).div_(std)
     if erasing > 0:
-        erase = v2.RandomErasing(p=erasing)
-        x = torch.stack([erase(img) for img in x])  # one draw per image, as the per-sample transform would
+        x = random_erasing(x, erasing)
     return x
+
+
+# ---------------------------------------------------------------- augmentation of whole batches
+# Each function draws its random numbers per image on the CPU generator (so a seed fixes them on any device) and
+# applies them to the batch in a few vectorised operations. The image operations are those of torchvision's
+# tensor kernels (tests/test_dataset.py compares them image by image), so the distribution is the seed's.
+
+def uniform(n, low, high):
+    return torch.empty(n).uniform_(low, high)
+
+
+def coin(n, p):
+    return (torch.rand(n) < p).nonzero().flatten()
+
+
+def luma(x):
+    """ITU-R 601-2 grey level, (N,3,H,W) -> (N,1,H,W), the weights of torchvision's rgb_to_grayscale."""
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def blend(x, other, factor):
+    return (factor * x + (1 - factor) * other).clamp_(0, 1)
+
+
+def adjust_brightness(x, factor):
+    return (x * factor).clamp_(0, 1)
+
+
+def adjust_contrast(x, factor):
+    return blend(x, luma(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x, factor):
+    return blend(x, luma(x), factor)
+
+
+def adjust_hue(x, factor):
+    """Rotate the HSV hue of each image by its own factor (a fraction of the colour wheel).
+
+    Value (max) and chroma (max - min) stay, so the new pixel is v - c * clamp(min(k, 4 - k), 0, 1) with
+    k = (n + h) mod 6, n = 5, 3, 1 for R, G, B and h the hue in sixths of the wheel.
+    """
+    r, g, b = x.unbind(1)
+    v, low = x.amax(1), x.amin(1)
+    c = v - low
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.remainder(h + 6 * factor.view(-1, 1, 1), 6).unsqueeze(1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + h, 6)
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur with one sigma per image and reflect padding, as torchvision's gaussian_blur."""
+    n, channels, height, width = x.shape
+    half = (kernel_size - 1) / 2
+    offsets = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.softmax(-0.5 * (offsets / sigma.to(x.device).view(-1, 1)) ** 2, dim=1)  # (N, k), rows sum to 1
+    kernel = kernel.repeat_interleave(channels, dim=0)  # one row per image channel
+    pad = kernel_size // 2
+    flat = F.pad(x.reshape(1, n * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(-1, 1, 1, kernel_size), groups=n * channels)
+    flat = F.conv2d(flat, kernel.view(-1, 1, kernel_size, 1), groups=n * channels)
+    return flat.view(n, channels, height, width)
+
+
+class BatchAugment:
+    """ColorJitter (its four factors in a random order), RandomGrayscale and GaussianBlur of the seed recipe, on a
+    float batch in [0, 1], with every factor, order and coin flip drawn per image."""
+
+    def __init__(self, jitter, grayscale, blur, blur_sigma, blur_kernel):
+        self.jitter, self.grayscale = list(jitter), grayscale
+        self.blur, self.blur_sigma, self.blur_kernel = blur, tuple(blur_sigma), blur_kernel
+
+    @classmethod
+    def from_config(cls, cfg):
+        if not batch_augment_on(cfg):
+            return None
+        return cls(cfg.jitter, cfg.grayscale, cfg.blur, cfg.blur_sigma, cfg.blur_kernel)
+
+    def __call__(self, x):
+        return self.random_blur(self.random_grayscale(self.color_jitter(x)))
+
+    def color_jitter(self, x):
+        n = len(x)
+        b, c, s, h = self.jitter
+        ops = [(adjust_brightness, b), (adjust_contrast, c), (adjust_saturation, s), (adjust_hue, h)]
+        factors = [uniform(n, -amount, amount) if op is adjust_hue else uniform(n, max(0.0, 1 - amount), 1 + amount)
+                   for op, amount in ops]
+        order = torch.rand(n, len(ops)).argsort(dim=1)  # a random permutation per image, as v2.ColorJitter's
+        for position in range(len(ops)):
+            for index, (op, amount) in enumerate(ops):
+                chosen = (order[:, position] == index).nonzero().flatten()
+                if amount == 0 or len(chosen) == 0:
+                    continue
+                factor = factors[index][chosen].to(x.device)
+                if op is not adjust_hue:
+                    factor = factor.view(-1, 1, 1, 1)
+                dev = chosen.to(x.device)
+                x[dev] = op(x[dev], factor)
+        return x
+
+    def random_grayscale(self, x):
+        chosen = coin(len(x), self.grayscale).to(x.device)
+        if len(chosen):
+            x[chosen] = luma(x[chosen]).expand(-1, 3, -1, -1)
+        return x
+
+    def random_blur(self, x):
+        chosen = coin(len(x), self.blur)
+        if len(chosen):
+            sigma = uniform(len(chosen), *self.blur_sigma)
+            dev = chosen.to(x.device)
+            x[dev] = gaussian_blur(x[dev], sigma, self.blur_kernel)
+        return x
+
+
+def erasing_boxes(n, height, width, p, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
+    """(top, left, h, w) per image as v2.RandomErasing draws them; an image that is not erased gets h = w = 0."""
+    boxes = torch.zeros(n, 4, dtype=torch.long)
+    log_ratio = torch.log(torch.tensor(ratio))
+    for i in coin(n, p).tolist():
+        for _ in range(10):
+            area = height * width * uniform(1, *scale).item()
+            aspect = torch.exp(uniform(1, log_ratio[0].item(), log_ratio[1].item())).item()
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if h < height and w < width:
+                top = torch.randint(0, height - h + 1, (1,)).item()
+                left = torch.randint(0, width - w + 1, (1,)).item()
+                boxes[i] = torch.tensor([top, left, h, w])
+                break
+    return boxes
+
+
+def random_erasing(x, p):
+    """Zero a random rectangle of each image with probability p (value 0 of the normalised image, as the seed)."""
+    n, _, height, width = x.shape
+    top, left, h, w = erasing_boxes(n, height, width, p).to(x.device).view(n, 4, 1, 1).unbind(1)
+    rows = torch.arange(height, device=x.device).view(1, height, 1)
+    cols = torch.arange(width, device=x.device).view(1, 1, width)
+    box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    return x.masked_fill_(box.unsqueeze(1), 0.0)
 
 
 def build_train_val(cfg):
@@ -297,8 +518,10 @@ def build_train_val(cfg):
         raise UserError(f"{val_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}")
     # only evaluation decodes JPEGs at reduced size: a random crop may take a small part of the image at full detail
     draft = eval_sizes(eval_crop(cfg), cfg.eval_crop_ratio)[0]
-    train = LabelledImages(train_dir, classes, train_transform(cfg))
-    val = LabelledImages(val_dir, classes, eval_transform(eval_crop(cfg), cfg.eval_crop_ratio), draft_size=draft)
+    cache = (cfg.cache, cache_side(max(cfg.img_size, eval_crop(cfg)), cfg.eval_crop_ratio)) if cfg.cache else None
+    train = LabelledImages(train_dir, classes, train_transform(cfg), cache=cache)
+    val = LabelledImages(val_dir, classes, eval_transform(eval_crop(cfg), cfg.eval_crop_ratio), draft_size=draft,
+                         cache=cache)
     empty = [c for c, n in zip(classes, train.class_counts()) if n == 0]
     if empty:
         warnings.warn(f"{len(empty)} class folder(s) of {train_dir} hold no images: {', '.join(empty[:5])}")

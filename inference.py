@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import config_from_dict
-from dataset import FlatImages, LabelledImages, center_crop, collate_skipping_bad, eval_crop, eval_transform, \
-    eval_sizes, find_classes, to_float_batch
+from dataset import FlatImages, LabelledImages, center_crop, eval_crop, eval_transform, eval_sizes, find_classes, \
+    loader_options, to_float_batch
 from model import UserError, build_model, short_list
 from utils import amp_dtype, autocast, default_workers, load_checkpoint, pick_device, run_cli
 
@@ -112,6 +112,8 @@ def load_model(path, which, device):
     except RuntimeError as e:
         raise UserError(f"{path} does not match its own config ({cfg.arch}, {len(classes)} classes): "
                         f"{str(e).splitlines()[0]}") from None
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     return model.to(device).eval(), cfg, classes, source, (counts / counts.sum()).astype(np.float32)
 
 
@@ -155,7 +157,7 @@ def tta_views(square, img_size, mode):
 @torch.no_grad()
 def predict_probs(model, images, device, img_size, mode, dtype=None):
     """Softmax averaged over the TTA views, all views of the batch in one forward pass."""
-    x = to_float_batch(images, device)
+    x = to_float_batch(images, device, channels_last=device.type == "cuda")
     views = tta_views(x, img_size, mode)
     with autocast(device, dtype):
         logits = model(torch.cat(views))
@@ -179,10 +181,9 @@ def run_loader(model, loader, device, img_size, mode, desc, num_classes, dtype=N
     return torch.cat(probs).numpy(), keys, bad
 
 
-def make_loader(dataset, batch_size, workers):
-    workers = default_workers(workers)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate_skipping_bad)
+def make_loader(dataset, batch_size, workers, device):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                       **loader_options(default_workers(workers), device))
 
 
 def ensemble_probs(members, make_dataset, args, device, mode, desc, num_classes):
@@ -196,8 +197,9 @@ def ensemble_probs(members, make_dataset, args, device, mode, desc, num_classes)
         crop = eval_crop(cfg)
         dataset = make_dataset(eval_transform(crop, cfg.eval_crop_ratio), eval_sizes(crop, cfg.eval_crop_ratio)[0])
         label = desc if len(members) == 1 else f"{desc} {i + 1}/{len(members)}"
-        probs, keys, bad = run_loader(model, make_loader(dataset, args.batch_size, args.workers), device, crop, mode,
-                                      label, num_classes, amp_dtype(cfg, device), args.skip_bad)
+        loader = make_loader(dataset, args.batch_size, args.workers, device)
+        probs, keys, bad = run_loader(model, loader, device, crop, mode, label, num_classes, amp_dtype(cfg, device),
+                                      args.skip_bad)
         total = total + probs
     return total / len(members), keys, bad
 

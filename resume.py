@@ -24,7 +24,7 @@ from utils import load_checkpoint, unwrap
 
 # settings a resumed run may change freely: where things are and how fast they go, not what is computed
 FREE_ON_RESUME = {"data_dir", "output_dir", "run_name", "workers", "device", "weights", "save_every_steps",
-                  "keep_epochs", "max_bad_frac"}
+                  "keep_epochs", "max_bad_frac", "cache", "channels_last", "cudnn_benchmark", "tf32", "compile"}
 # settings that give the saved state another meaning: never changed on resume
 FIXED_ON_RESUME = {"arch", "head", "batch_size", "ema", "max_params"}
 

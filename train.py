@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import Config, add_config_args, config_from_args
-from dataset import (build_train_val, check_images, collate_skipping_bad, center_crop, eval_crop, list_images,
+from dataset import (BatchAugment, build_train_val, check_images, center_crop, eval_crop, list_images,
+                     loader_options,
                      to_float_batch)
 from finetune import backbone_frozen, param_groups, reported_lr, set_backbone_frozen
 from folds import fold_datasets, run_all_folds, write_oof, write_split
@@ -76,20 +77,48 @@ def make_loaders(cfg, train_set, val_set, device):
     workers = default_workers(cfg.workers)
     # the loaders get generators of their own: starting an epoch draws nothing from the global generator, which a
     # resumed run sets back to where the stopped run left it
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping_bad,
-                  worker_init_fn=seed_worker, persistent_workers=workers > 0,
+    common = dict(loader_options(workers, device), worker_init_fn=seed_worker,
                   generator=torch.Generator().manual_seed(cfg.seed))
     sampler = EpochSampler(len(train_set), cfg.seed)
+    micro = micro_batch_size(cfg)
     # dropping the last partial batch keeps BatchNorm away from a batch of one
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                                               drop_last=len(train_set) > cfg.batch_size, **common)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size * 2, shuffle=False, **common)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=micro, sampler=sampler,
+                                               drop_last=len(train_set) > micro, **common)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=micro * 2, shuffle=False, **common)
     return train_loader, val_loader, sampler
+
+
+def micro_batch_size(cfg):
+    if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+        raise UserError(f"--accum-steps {cfg.accum_steps} must be at least 1 and divide --batch-size "
+                        f"{cfg.batch_size}")
+    return cfg.batch_size // cfg.accum_steps
+
+
+def setup_backends(cfg, device):
+    """cuDNN autotuning and TF32 on CUDA (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+def prepare_model(model, cfg, device):
+    """Move to the device in the chosen memory format and compile; any DDP wrapper must come after this."""
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    return torch.compile(model) if cfg.compile else model
 
 
 def build_optimizer(model, cfg):
     """AdamW over the stage-wise parameter groups of finetune.py (learning rate and weight decay per group)."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups(unwrap(model), cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             **adamw_kernel(model))
+
+
+def adamw_kernel(model):
+    """The fused CUDA AdamW (one kernel for all tensors) on GPU, the multi-tensor one elsewhere."""
+    on_cuda = next(model.parameters()).is_cuda
+    return {"fused": True} if on_cuda else {"foreach": True}
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch):
@@ -151,38 +180,74 @@ def check_resume_data(ckpt, classes, train_images, allow_change):
 
 # ---------------------------------------------------------------- one epoch
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg, device, dtype, progress,
-                    stop, save, run_dir, mixer=None):
-    """Train on the epoch's remaining batches, keeping `progress` current after every step so that save() can
-    write a resumable checkpoint at any step. Returns False when a signal asked the run to stop."""
-    model.train()
-    set_backbone_frozen(model, backbone_frozen(cfg, epoch))
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-               initial=progress.step, total=progress.step + len(loader))
-    for images, targets, bad_files in bar:
-        report_bad_files(bad_files, progress, run_dir)
-        if len(images) == 0:
-            continue
-        x = to_float_batch(images, device, cfg.erasing)
+def micro_batch_groups(loader, n):
+    """Lists of n consecutive loader batches (the last list may be shorter): one optimiser step each."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_step(model, micro_batches, criterion, optimizer, scaler, epoch, device, dtype, cfg, augment=None,
+               mixer=None):
+    """One optimiser step over a list of (uint8 images, targets) micro-batches.
+
+    Each micro-batch loss is weighted by its share of the step's images, so the summed gradient is the gradient of
+    the mean loss over all of them: N micro-batches give the step of one batch of their union (up to float error
+    and BatchNorm, which sees each micro-batch alone). A non-finite loss is not applied. Returns (mean loss,
+    correct predictions, images).
+    """
+    total = sum(len(targets) for _, targets in micro_batches)
+    loss_sum, correct = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for images, targets in micro_batches:
+        x = to_float_batch(images, device, cfg.erasing, augment, cfg.channels_last)
         y = targets.to(device, non_blocking=True)
         if mixer is not None:
             x, y = mixer(x, y, epoch)  # y becomes (N, C) class distributions when the batch is mixed
         with autocast(device, dtype):
             logits = model(x)
         loss = criterion(logits, y, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        value = loss.item()
+        scaler.scale(loss * (len(y) / total)).backward()
+        loss_sum += loss.detach() * len(y)
+        correct += count_correct(logits.detach(), y)
+    value = float(loss_sum) / total  # the one host sync of the step: a nan/inf step must not reach the weights
+    if math.isfinite(value):
+        scaler.step(optimizer)
+        scaler.update()
+    return value, correct, total
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg, device, dtype, progress,
+                    stop, save, run_dir, mixer=None):
+    """Train on the epoch's remaining batches, keeping `progress` current after every step so that save() can
+    write a resumable checkpoint at any step. Returns False when a signal asked the run to stop."""
+    model.train()
+    set_backbone_frozen(unwrap(model), backbone_frozen(cfg, epoch))
+    augment = BatchAugment.from_config(cfg)
+    start = time.perf_counter()
+    steps = math.ceil(len(loader) / cfg.accum_steps)
+    bar = tqdm(micro_batch_groups(loader, cfg.accum_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               dynamic_ncols=True, initial=progress.step, total=progress.step + steps)
+    for group in bar:
+        for _, _, bad_files in group:
+            report_bad_files(bad_files, progress, run_dir)
+        group = [(images, targets) for images, targets, _ in group if len(images)]
+        if not group:
+            continue
+        value, correct, n = train_step(model, group, criterion, optimizer, scaler, epoch, device, dtype, cfg, augment,
+                                       mixer)
         if math.isfinite(value):
-            scaler.step(optimizer)
-            scaler.update()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update_parameters(unwrap(model))
             progress.nonfinite_in_a_row = 0
-            progress.loss_sum += value * len(y)
-            progress.correct += count_correct(logits, y)
-            progress.seen += len(y)
+            progress.loss_sum += value * n
+            progress.correct += correct
+            progress.seen += n
         else:
             skip_nonfinite_step(value, progress, cfg, dtype, run_dir)
         scheduler.step()  # the schedule follows the batches, skipped ones included
@@ -215,7 +280,7 @@ def skip_nonfinite_step(value, progress, cfg, dtype, run_dir):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None):
+def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None, channels_last=False):
     """Plain cross-entropy and accuracy on the centre crop; the loss does not change with the training loss.
     None when a signal asked the run to stop before the end."""
     model.eval()
@@ -226,8 +291,8 @@ def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None):
         bad += bad_files
         if len(images) == 0:
             continue
-        x = to_float_batch(center_crop(images, img_size), device)
-        y = y.to(device)
+        x = to_float_batch(center_crop(images, img_size), device, channels_last=channels_last)
+        y = y.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(x)
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -334,7 +399,8 @@ def main(argv=None):
     if n_params > cfg.max_params:
         raise UserError(f"{cfg.arch} has {n_params / 1e6:.1f}M parameters, over --max-params "
                         f"{cfg.max_params / 1e6:.1f}M (use a smaller --arch or --head linear)")
-    model.to(device)
+    setup_backends(cfg, device)
+    model = prepare_model(model, cfg, device)
     os.makedirs(run_dir, exist_ok=True)
     write_split(split, run_dir)
     progress = Progress(skipped_files=ckpt["progress"]["skipped_files"] if ckpt else [])
@@ -346,11 +412,11 @@ def main(argv=None):
           f"{', ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else ''}")
 
     train_loader, val_loader, sampler = make_loaders(cfg, train_set, val_set, device)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = make_ema(model, cfg.ema_decay) if cfg.ema else None
+    ema = make_ema(unwrap(model), cfg.ema_decay) if cfg.ema else None  # a copy of the plain module, not compiled
     class_counts = train_set.class_counts()
     weights = class_weights(class_counts, cfg.class_weights, cfg.class_weights_beta)
     criterion = TrainLoss(cfg, weights.to(device) if weights is not None else None)
@@ -382,11 +448,12 @@ def main(argv=None):
             finished = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg,
                                        device, dtype, progress, stop, save, run_dir, mixer)
             val_start = time.perf_counter()
-            val = evaluate(model, val_loader, device, dtype, eval_crop(cfg), stop=stop) if finished else None
+            val = evaluate(model, val_loader, device, dtype, eval_crop(cfg), stop=stop,
+                           channels_last=cfg.channels_last) if finished else None
             val_ema = None
             if val is not None and ema is not None and epoch >= cfg.ema_start_epoch:
                 val_ema = evaluate(ema.module, val_loader, device, dtype, eval_crop(cfg), desc="val (EMA)",
-                                   stop=stop)
+                                   stop=stop, channels_last=cfg.channels_last)
                 val = val if val_ema is not None else None
             if val is None:  # stopped by a signal mid-epoch
                 save()

@@ -68,7 +68,7 @@ def default_workers(requested):
     if requested >= 0:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(16, cores - 1))  # the main process keeps a core for the device work
 
 
 def amp_dtype(cfg, device):

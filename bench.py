@@ -1,0 +1,372 @@
+"""Throughput of our input pipeline, training step, whole epoch and inference, each against the seed-style loop
+measured in the same run: the ratios, not the absolute numbers, are what carry from one busy machine to another.
+
+    python bench.py                                    # CPU defaults (resnet18, 224 px, synthetic 500x375 JPEGs)
+    python bench.py --arch resnext101_32x8d --batch-size 128 --device cuda --json bench-gpu.json
+
+Seed style = PIL decode of the full-size JPEG, the whole augmentation per image in the loader (ColorJitter's hue and
+the GaussianBlur on PIL images), float conversion and normalisation on the CPU, 2 loader workers, NCHW, fp32 on CPU
+and fp16 with a grad scaler on GPU, a loss.item() every step and the confusion heatmap drawn every epoch.
+Prints a table and writes it as JSON (default bench.json).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+import train
+from config import Config
+from dataset import (IMAGENET_MEAN, IMAGENET_STD, BatchAugment, LabelledImages, build_train_val, center_crop,
+                     collate_skipping_bad, eval_sizes, eval_transform, loader_options, to_float_batch,
+                     train_transform)
+from inference import TTA_MODES, predict_probs
+from losses import TrainLoss
+from model import build_model
+from resume import GracefulStop, Progress
+from utils import amp_dtype, autocast, default_workers, pick_device, plot_confusion, run_cli, seed_everything
+
+# dense bf16/fp16 tensor-core peaks in TFLOP/s, for the MFU column
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark our training and inference paths against the seed-style "
+                                            "loop in one run; prints a table and writes JSON.")
+    p.add_argument("--data-dir", default=None, help="an image folder with train/<class>/ and val/<class>/ "
+                   "(default: synthetic 500x375 JPEGs in a temporary folder)")
+    p.add_argument("--arch", default="resnet18", help="backbone for the step, epoch and inference parts "
+                                                      "(default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=224, help="train crop size (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="our mixed precision, as train.py (default: %(default)s)")
+    p.add_argument("--no-channels-last", action="store_true", help="measure our step in NCHW")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model for the step part")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="loader worker counts for the input part (default: 0 and one per free core)")
+    p.add_argument("--images", type=int, default=128, help="synthetic train images (val gets a quarter): one "
+                                                           "input-pipeline run and one epoch (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=2, help="training steps per timed round, after 2 warm-up steps "
+                                                        "(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per input and step setting, "
+                                                          "ours and seed style in turns; the median is reported "
+                                                          "(default: %(default)s)")
+    p.add_argument("--parts", nargs="+", default=["input", "step", "epoch", "inference"],
+                   choices=["input", "step", "epoch", "inference"], help="what to measure (default: all)")
+    p.add_argument("--json", default="bench.json", help="where the results go (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- data
+
+def synthetic_photo(rng, width=500, height=375):
+    """Smooth colour waves plus sensor-like noise: decodes and compresses like a photo, unlike pure noise."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    a, b, c = rng.uniform(15, 60, 3)
+    img = np.stack([128 + 100 * np.sin(x / a + rng.uniform(0, 6)), 128 + 100 * np.cos(y / b),
+                    128 + 60 * np.sin((x + y) / c)], axis=-1) + rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def make_synthetic(root, n_train, n_classes=10):
+    rng = np.random.default_rng(0)
+    n_classes = min(n_classes, n_train)
+    for split, n in [("train", n_train), ("val", max(n_classes, n_train // 4))]:
+        for i in range(n):
+            folder = os.path.join(root, split, str(i % n_classes))
+            os.makedirs(folder, exist_ok=True)
+            synthetic_photo(rng).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    return root
+
+
+def seed_transform(cfg):
+    """The seed's per-image chain: our geometric steps plus jitter/grayscale/blur on the PIL image, then float
+    conversion, normalisation and erasing on the CPU."""
+    per_image = train_transform(dataclasses.replace(cfg, augment_on="loader")).transforms[:-1]  # without PILToTensor
+    return v2.Compose(per_image + [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                                   v2.Normalize(IMAGENET_MEAN, IMAGENET_STD), v2.RandomErasing(cfg.erasing)])
+
+
+def subset(dataset, n):
+    return torch.utils.data.Subset(dataset, list(range(min(n, len(dataset)))))
+
+
+# ---------------------------------------------------------------- timing helpers
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def three_digits(value):
+    return float(f"{value:.3g}") if value else None
+
+
+def row(part, setting, ours, seed=None, unit="img/s", **extra):
+    return dict(part=part, setting=setting, ours=three_digits(ours), seed=three_digits(seed),
+                ratio=three_digits(ours / seed) if seed else None, unit=unit, **extra)
+
+
+# ---------------------------------------------------------------- parts
+
+def input_rates(cfg, data_dir, workers, images, repeats, device):
+    """Images/s from the JPEG files to a normalised, augmented float batch on the device."""
+    ours_set = LabelledImages(os.path.join(data_dir, "train"), sorted(os.listdir(os.path.join(data_dir, "train"))),
+                              train_transform(cfg))
+    seed_set = LabelledImages(ours_set.root, ours_set.classes, seed_transform(cfg))
+    augment = BatchAugment.from_config(cfg)
+
+    def ours():
+        loader = torch.utils.data.DataLoader(subset(ours_set, images), batch_size=cfg.batch_size,
+                                             **loader_options(workers, device))
+        for batch, _, _ in loader:
+            to_float_batch(batch, device, cfg.erasing, augment, cfg.channels_last)
+
+    def seed():
+        loader = torch.utils.data.DataLoader(subset(seed_set, images), batch_size=cfg.batch_size,
+                                             num_workers=workers, collate_fn=collate_skipping_bad)
+        for batch, _, _ in loader:
+            batch.to(device)
+
+    n = min(images, len(ours_set))
+    rounds = [(timed(ours, device), timed(seed, device)) for _ in range(repeats)]  # in turns, as step_rates
+    ours_s, seed_s = (statistics.median(times) for times in zip(*rounds))
+    return row("input pipeline", f"{workers} workers" + (" (1 core)" if workers == 0 else ""), n / ours_s, n / seed_s)
+
+
+def make_step(arch, cfg, device, seed_style):
+    """A closure doing one training step on a fixed uint8 batch, ours or seed style; and its model."""
+    model = build_model(arch, 100, "none", cfg.head, cfg.head_dropout)
+    criterion = TrainLoss(cfg, None)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8)
+    targets = torch.randint(0, 100, (cfg.batch_size,))
+    if seed_style:
+        model.to(device)
+        dtype = torch.float16 if device.type == "cuda" else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype is not None)
+        x = to_float_batch(images, device)  # the seed normalised in the loader: not part of its step
+
+        def step():
+            optimizer.zero_grad()
+            with autocast(device, dtype):
+                loss = criterion(model(x), targets.to(device), 0)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss.item()
+        return step, model, dtype
+    train.setup_backends(cfg, device)
+    model = train.prepare_model(model, cfg, device)
+    dtype = amp_dtype(cfg, device)
+    optimizer = train.build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    augment = BatchAugment.from_config(cfg)
+    micro = cfg.batch_size // cfg.accum_steps
+    batches = [(images[i:i + micro].pin_memory() if device.type == "cuda" else images[i:i + micro],
+                targets[i:i + micro]) for i in range(0, cfg.batch_size, micro)]
+
+    def step():
+        train.train_step(model, batches, criterion, optimizer, scaler, 0, device, dtype, cfg, augment)
+    return step, model, dtype
+
+
+def step_flops(model, cfg, device, dtype):
+    """FLOPs of one forward + backward of a batch, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast(device, dtype):
+            out = model(x)
+        out.float().sum().backward()
+    return counter.get_total_flops()
+
+
+def step_rates(arch, cfg, device, steps, repeats):
+    """Seed-style and our step timed in turns (repeats rounds of `steps` steps each), so that a change in the
+    machine's load hits both; the median round counts."""
+    styles = {style: make_step(arch, cfg, device, style == "seed") for style in ("seed", "ours")}
+    for step, model, _ in styles.values():
+        model.train()
+        for _ in range(2):
+            step()  # warm-up: cuDNN autotuning, compilation, allocator
+    seconds = {style: [] for style in styles}
+    for _ in range(repeats):
+        for style, (step, _, _) in styles.items():
+            seconds[style].append(timed(lambda: [step() for _ in range(steps)], device))
+    rates = {style: steps * cfg.batch_size / statistics.median(s) for style, s in seconds.items()}
+    extra = {}
+    if device.type == "cuda":
+        extra["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # both models together
+        _, model, dtype = styles["ours"]
+        tflops = step_flops(model, cfg, device, dtype) * rates["ours"] / cfg.batch_size / 1e12
+        extra["ours_tflops"] = round(tflops, 1)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+        if peak:
+            extra["ours_mfu"] = round(tflops / peak, 3)
+    setting = (f"{arch}@{cfg.img_size} b{cfg.batch_size} {cfg.amp if device.type == 'cuda' else 'fp32'} "
+               f"{'channels_last' if cfg.channels_last else 'NCHW'}{' compiled' if cfg.compile else ''}")
+    return row("train step", setting, rates["ours"], rates["seed"], **extra)
+
+
+def seed_epoch(cfg, data_dir, device):
+    """One epoch the seed's way: per-image CPU augmentation in 2 workers, NCHW, item() per step, heatmap."""
+    train_set, val_set, classes = build_train_val(dataclasses.replace(cfg, data_dir=data_dir))
+    train_set.transform = seed_transform(cfg)
+    resize, crop = eval_sizes(cfg.img_size, cfg.eval_crop_ratio)
+    val_set.draft_size = None  # full-size decode
+    val_set.transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop), v2.PILToTensor()])
+    model = build_model(cfg.arch, len(classes), "none", cfg.head, cfg.head_dropout).to(device)
+    dtype = torch.float16 if device.type == "cuda" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is not None)
+    criterion = TrainLoss(cfg, None)
+    common = dict(num_workers=2, collate_fn=collate_skipping_bad)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                               **common)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, **common)
+    model.train()
+    for x, y, _ in train_loader:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        with autocast(device, dtype):
+            loss = criterion(model(x), y, 0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss.item()
+    model.eval()
+    preds, targets = [], []
+    with torch.no_grad():
+        for x, y, _ in val_loader:
+            with autocast(device, dtype):
+                preds.append(model(to_float_batch(x, device)).argmax(1).cpu())
+            targets.append(y)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_confusion(torch.cat(targets).numpy(), torch.cat(preds).numpy(), classes, os.path.join(tmp, "cm.png"))
+    return len(train_loader) * cfg.batch_size
+
+
+def our_epoch(cfg, data_dir, device):
+    """One epoch through train.py's own functions (loaders, step, validation), without the checkpoint writes."""
+    cfg = dataclasses.replace(cfg, data_dir=data_dir, epochs=1)
+    train_set, val_set, classes = build_train_val(cfg)
+    train.setup_backends(cfg, device)
+    model = train.prepare_model(build_model(cfg.arch, len(classes), "none", cfg.head, cfg.head_dropout), cfg, device)
+    dtype = amp_dtype(cfg, device)
+    train_loader, val_loader, _ = train.make_loaders(cfg, train_set, val_set, device)
+    optimizer = train.build_optimizer(model, cfg)
+    scheduler = train.build_scheduler(optimizer, cfg, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    progress = Progress()
+    with tempfile.TemporaryDirectory() as run_dir, GracefulStop() as stop:
+        train.train_one_epoch(model, train_loader, TrainLoss(cfg, None), optimizer, scheduler, scaler, None, 0, cfg,
+                              device, dtype, progress, stop, lambda: None, run_dir)
+    train.evaluate(model, val_loader, device, dtype, cfg.img_size, channels_last=cfg.channels_last)
+    return progress.seen
+
+
+def epoch_rates(cfg, data_dir, device):
+    rates = {}
+    for name, run in [("seed", seed_epoch), ("ours", our_epoch)]:
+        seed_everything(0)
+        start = time.perf_counter()
+        images = run(cfg, data_dir, device)
+        sync(device)
+        rates[name] = images / (time.perf_counter() - start)
+    workers = default_workers(cfg.workers)
+    return row("whole epoch", f"{cfg.arch}@{cfg.img_size}, train + val, ours {workers} workers, seed 2",
+               rates["ours"], rates["seed"])
+
+
+def inference_rates(cfg, data_dir, device):
+    """Images/s of prediction (decode, resize, batched TTA forward) per TTA mode, with our loader."""
+    val_dir = os.path.join(data_dir, "val")
+    resize, _ = eval_sizes(cfg.img_size, cfg.eval_crop_ratio)
+    dataset = LabelledImages(val_dir, sorted(os.listdir(val_dir)), eval_transform(cfg.img_size, cfg.eval_crop_ratio),
+                             draft_size=resize)
+    model = build_model(cfg.arch, len(dataset.classes), "none", cfg.head, cfg.head_dropout).to(device).eval()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(cfg, device)
+    rows = []
+    for mode in TTA_MODES:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
+                                             **loader_options(default_workers(cfg.workers), device))
+
+        def run():
+            for images, _, _ in loader:
+                predict_probs(model, images, device, cfg.img_size, mode, dtype)
+        rows.append(row("inference", f"TTA {mode}", len(dataset) / timed(run, device)))
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+def print_table(rows):
+    print(f"\n| part | setting | ours | seed style | ratio |\n| --- | --- | ---: | ---: | ---: |")
+    for r in rows:
+        extra = "".join(f", {k} {v}" for k, v in r.items()
+                        if k not in ("part", "setting", "ours", "seed", "ratio", "unit"))
+        seed = f"{r['seed']:g}" if r["seed"] else ""
+        ratio = f"{r['ratio']:g}x" if r["ratio"] else ""
+        print(f"| {r['part']} | {r['setting']}{extra} | {r['ours']:g} {r['unit']} | {seed} | {ratio} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    cfg = Config(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=args.amp, device=args.device,
+                 channels_last=not args.no_channels_last, compile=args.compile, workers=-1)
+    worker_counts = args.workers if args.workers is not None else sorted({0, default_workers(-1)})
+    threads = torch.get_num_threads()
+    meta = dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+                cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                torch=torch.__version__, load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                args=vars(args))
+    print(f"bench on {meta['device']} ({meta['cores']} cores, load {meta['load_average']}), torch {torch.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir or make_synthetic(tmp, args.images)
+        if "input" in args.parts:
+            for workers in worker_counts:
+                torch.set_num_threads(1)  # the same cores for both: one per worker, one for the main process
+                rows.append(input_rates(cfg, data_dir, workers, args.images, args.repeats, device))
+                print(rows[-1])
+            torch.set_num_threads(threads)
+        if "step" in args.parts:
+            rows.append(step_rates(args.arch, cfg, device, args.steps, args.repeats))
+            print(rows[-1])
+        if "epoch" in args.parts:
+            rows.append(epoch_rates(cfg, data_dir, device))
+            print(rows[-1])
+        if "inference" in args.parts:
+            rows += inference_rates(cfg, data_dir, device)
+    meta["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print_table(rows)
+    with open(args.json, "w") as f:
+        json.dump(dict(meta, rows=rows), f, indent=2)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
