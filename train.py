@@ -10,6 +10,7 @@ Writes checkpoints/<run>/: last.pt, best.pt, config.json, history.csv, curves.pn
 SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves last.pt and prints the command that resumes the run.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,11 +18,13 @@ import os
 import time
 from datetime import datetime
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from config import Config, add_config_args, config_from_args
 from dataset import (BatchAugment, build_train_val, check_images, center_crop, eval_crop, list_images,
                      loader_options,
@@ -79,12 +82,15 @@ def make_loaders(cfg, train_set, val_set, device):
     # resumed run sets back to where the stopped run left it
     common = dict(loader_options(workers, device), worker_init_fn=seed_worker,
                   generator=torch.Generator().manual_seed(cfg.seed))
-    sampler = EpochSampler(len(train_set), cfg.seed)
+    # each process takes every world_size-th index of the epoch's order, as DistributedSampler does
+    sampler = EpochSampler(len(train_set), cfg.seed, distributed.world_size(), distributed.rank())
     micro = micro_batch_size(cfg)
     # dropping the last partial batch keeps BatchNorm away from a batch of one
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=micro, sampler=sampler,
-                                               drop_last=len(train_set) > micro, **common)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=micro * 2, shuffle=False, **common)
+                                               drop_last=sampler.per_rank() > micro, **common)
+    # exact evaluation: disjoint contiguous shards, no padding; evaluate() gathers them back in order
+    val_shard = torch.utils.data.Subset(val_set, distributed.shard(len(val_set)))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=micro * 2, shuffle=False, **common)
     return train_loader, val_loader, sampler
 
 
@@ -204,15 +210,19 @@ def train_step(model, micro_batches, criterion, optimizer, scaler, epoch, device
     total = sum(len(targets) for _, targets in micro_batches)
     loss_sum, correct = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    for images, targets in micro_batches:
+    for i, (images, targets) in enumerate(micro_batches):
+        # under DDP the gradients are averaged across processes once per step, on the last micro-batch
+        last = i == len(micro_batches) - 1
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         x = to_float_batch(images, device, cfg.erasing, augment, cfg.channels_last)
         y = targets.to(device, non_blocking=True)
         if mixer is not None:
             x, y = mixer(x, y, epoch)  # y becomes (N, C) class distributions when the batch is mixed
-        with autocast(device, dtype):
-            logits = model(x)
-        loss = criterion(logits, y, epoch)
-        scaler.scale(loss * (len(y) / total)).backward()
+        with sync:
+            with autocast(device, dtype):
+                logits = model(x)
+            loss = criterion(logits, y, epoch)
+            scaler.scale(loss * (len(y) / total)).backward()
         loss_sum += loss.detach() * len(y)
         correct += count_correct(logits.detach(), y)
     value = float(loss_sum) / total  # the one host sync of the step: a nan/inf step must not reach the weights
@@ -232,7 +242,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema,
     start = time.perf_counter()
     steps = math.ceil(len(loader) / cfg.accum_steps)
     bar = tqdm(micro_batch_groups(loader, cfg.accum_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               dynamic_ncols=True, initial=progress.step, total=progress.step + steps)
+               dynamic_ncols=True, initial=progress.step, total=progress.step + steps,
+               disable=not distributed.is_main())
     for group in bar:
         for _, _, bad_files in group:
             report_bad_files(bad_files, progress, run_dir)
@@ -243,6 +254,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema,
                                        mixer)
         if math.isfinite(value):
             if ema is not None:
+                distributed.broadcast_buffers(unwrap(model))  # the same BatchNorm statistics on every rank
                 ema.update_parameters(unwrap(model))
             progress.nonfinite_in_a_row = 0
             progress.loss_sum += value * n
@@ -285,7 +297,8 @@ def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None, chan
     None when a signal asked the run to stop before the end."""
     model.eval()
     total_loss, preds, targets, bad = 0.0, [], [], []
-    for images, y, bad_files in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for images, y, bad_files in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                                     disable=not distributed.is_main()):
         if stop is not None and stop.requested:
             return None
         bad += bad_files
@@ -298,7 +311,12 @@ def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None, chan
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         preds.append(logits.argmax(1).cpu())
         targets.append(y.cpu())
-    preds, targets = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+    # every rank evaluated its own shard: gather predictions and losses in dataset order
+    shards = distributed.gather((total_loss, torch.cat(preds).numpy() if preds else np.zeros(0, np.int64),
+                                 torch.cat(targets).numpy() if targets else np.zeros(0, np.int64), bad))
+    total_loss = sum(s[0] for s in shards)
+    preds, targets = np.concatenate([s[1] for s in shards]), np.concatenate([s[2] for s in shards])
+    bad = [b for s in shards for b in s[3]]
     return dict(loss=total_loss / len(targets), acc=float((preds == targets).mean()), preds=preds,
                 targets=targets, bad=bad)
 
@@ -387,7 +405,7 @@ def main(argv=None):
     if cfg.all_folds:
         return run_all_folds(main, argv, cfg, run_name(cfg))
     cfg, run_dir, ckpt = open_run(cfg, args, given)
-    device = pick_device(cfg.device)
+    device = distributed.setup(pick_device(cfg.device))
     seed_everything(cfg.seed)
     dtype = amp_dtype(cfg, device)
 
@@ -429,15 +447,26 @@ def main(argv=None):
         progress = restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, replay)
         progress.skipped_files, progress.train_images = skipped, len(train_set)
         print(f"resuming at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}")
-    remove_stale_temp_files(run_dir)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dict(dataclasses.asdict(cfg), classes=classes), f, indent=2)
+    if distributed.is_main():
+        remove_stale_temp_files(run_dir)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dict(dataclasses.asdict(cfg), classes=classes, processes=distributed.world_size()), f,
+                      indent=2)
+    print(f"{distributed.world_size()} process(es) x --batch-size {cfg.batch_size} = global batch "
+          f"{distributed.world_size() * cfg.batch_size}, lr {cfg.lr:g}")
 
     last = os.path.join(run_dir, "last.pt")
 
-    def save():
-        save_atomic(training_state(model, ema, optimizer, scheduler, scaler, progress, cfg, classes, class_counts),
-                    last)
+    def save():  # rank 0 writes every file of the run
+        if distributed.is_main():
+            save_atomic(training_state(model, ema, optimizer, scheduler, scaler, progress, cfg, classes, class_counts),
+                        last)
+
+    # DDP averages the gradients; the plain module stays for evaluation, the EMA and the checkpoints.
+    train_model = model
+    if distributed.active():
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     with GracefulStop() as stop:
         for epoch in range(progress.epoch, cfg.epochs):
@@ -445,9 +474,10 @@ def main(argv=None):
                 progress.start_epoch(reported_lr(optimizer))
             sampler.start_epoch(epoch, progress.step * cfg.batch_size)
             phase, share = loss_phase(cfg, epoch)
-            finished = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg,
-                                       device, dtype, progress, stop, save, run_dir, mixer)
+            finished = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, scaler, ema, epoch,
+                                       cfg, device, dtype, progress, stop, save, run_dir, mixer)
             val_start = time.perf_counter()
+            distributed.broadcast_buffers(model)  # every rank evaluates the weights that rank 0 saves
             val = evaluate(model, val_loader, device, dtype, eval_crop(cfg), stop=stop,
                            channels_last=cfg.channels_last) if finished else None
             val_ema = None
@@ -472,6 +502,8 @@ def main(argv=None):
             improved = chosen["acc"] > progress.best["acc"]
             if improved:
                 progress.best = {"acc": chosen["acc"], "epoch": epoch + 1, "source": source}
+            distributed.check_in_sync(model, *([ema.module] if ema is not None else []))
+            if improved and distributed.is_main():
                 save_atomic(best_state(model, ema, source, cfg, classes, class_counts, epoch, row),
                             os.path.join(run_dir, "best.pt"))
                 plot_confusion(chosen["targets"], chosen["preds"], classes,
@@ -482,8 +514,9 @@ def main(argv=None):
             progress.history.append(row)
             progress.epoch, progress.step = epoch + 1, 0
             save()
-            keep_epoch_copy(run_dir, epoch + 1, cfg.keep_epochs)
-            write_history(progress.history, run_dir)
+            if distributed.is_main():
+                keep_epoch_copy(run_dir, epoch + 1, cfg.keep_epochs)
+                write_history(progress.history, run_dir)
             ema_text = f" | val EMA {val_ema['acc']:.4f}" if val_ema else ""
             print(f"epoch {epoch + 1:3d}/{cfg.epochs} | {phase:5s} | lr {row['lr']:.2e} | train loss "
                   f"{row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {val['loss']:.4f} acc "
