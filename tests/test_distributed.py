@@ -9,7 +9,7 @@ import torch
 
 import train
 from conftest import ROOT, SAMPLE, TINY
-from dataset import build_train_val
+from dataset import build_train_val, collate_skipping_bad, eval_crop
 from model import build_model
 from config import config_from_dict
 
@@ -31,10 +31,10 @@ def test_two_process_run_evaluates_exactly_like_one_process(tmp_path):
     cfg = config_from_dict(ckpt["config"])
     _, val_set, classes = build_train_val(cfg)
     model = build_model(cfg.arch, len(classes), "none", cfg.head, cfg.head_dropout)
-    loader = torch.utils.data.DataLoader(val_set, batch_size=64, collate_fn=train.collate_skipping_bad)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=64, collate_fn=collate_skipping_bad)
     for key, column in [("model", "val_acc"), ("ema", "val_acc_ema")]:
         model.load_state_dict(ckpt[key])
-        val = train.evaluate(model, loader, torch.device("cpu"), None, cfg.img_size)
+        val = train.evaluate(model, loader, torch.device("cpu"), None, eval_crop(cfg))
         assert len(val["targets"]) == len(val_set) == 100
         assert val["acc"] == history[column].iloc[1], key
         assert np.isclose(val["loss"], history[column.replace("acc", "loss")].iloc[1], rtol=1e-4)
