@@ -28,6 +28,8 @@ class Config:
     max_bad_frac: float = opt(0.01, "every train/val image is decoded once before training: unreadable ones are "
                                     "named and left out, and more than this fraction of them stops the run",
                               group="data")
+    tensorboard: bool = opt(False, "also log scalars, the confusion matrix and augmented images to <run>/tensorboard "
+                                   "(needs the tensorboard package)", group="data")
 
     # checkpoints
     save_every_steps: int = opt(0, "also write last.pt every N optimiser steps, mid-epoch (0: at epoch ends only)",

@@ -1,9 +1,13 @@
 """Folders of images: data/train/<class>/, data/val/<class>/ and a flat data/test/.
 
+    python dataset.py --preview data/train --img-size 224 --erasing 0.5     # original vs augmented samples as a PNG
+
 Images leave the loader as uint8 tensors; converting to float, normalising and random erasing happen per batch on
 the training device (to_float_batch), which keeps the worker processes light and the host-to-GPU copy 4x smaller.
 """
+import argparse
 import copy
+import dataclasses
 import hashlib
 import math
 import os
@@ -16,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from config import add_config_args, config_from_args
 from model import UserError
+from utils import run_cli
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -526,3 +533,65 @@ def build_train_val(cfg):
     if empty:
         warnings.warn(f"{len(empty)} class folder(s) of {train_dir} hold no images: {', '.join(empty[:5])}")
     return train, val, classes
+
+
+# ---------------------------------------------------------------- augmentation preview
+
+def preview_picks(targets, count):
+    """Indices of `count` samples spread over the classes: the first image of each class, then the second, ..."""
+    by_class = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    picks, rank = [], 0
+    while len(picks) < count and any(rank < len(v) for v in by_class.values()):
+        picks += [v[rank] for v in by_class.values() if rank < len(v)][:count - len(picks)]
+        rank += 1
+    return picks
+
+
+def preview_grid(dataset, cfg, images=8, views=5, padding=2):
+    """uint8 (3, H, W) grid: one row per image, its evaluation view first, then `views` draws of the train pipeline.
+
+    Random erasing is drawn here as the training loop draws it (per image, filled with the mean colour). The global
+    torch RNG is left as it was, so that a preview inside a training run does not change the run.
+    """
+    # the whole list per image, as on CPU: on CUDA the same colour steps run per batch, with the same distribution
+    augment = train_transform(dataclasses.replace(cfg, augment_on="loader"))
+    evaluate = eval_transform(cfg.img_size, cfg.eval_crop_ratio)
+    erase = v2.RandomErasing(p=cfg.erasing, value=[round(255 * m) for m in IMAGENET_MEAN])
+    tiles = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for i in preview_picks(dataset.targets, images):
+            img = load_rgb(dataset.samples[i][0])
+            tiles.append(center_crop(evaluate(img), cfg.img_size))
+            tiles += [erase(augment(img)) if cfg.erasing > 0 else augment(img) for _ in range(views)]
+    return make_grid(torch.stack(tiles), nrow=1 + views, padding=padding, pad_value=255)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Augmentation preview: a PNG grid with one row per training image, its evaluation view in the "
+                    "first column and draws of the configured training augmentation after it. Takes every "
+                    "train.py flag; the augmentation ones (and --img-size, --seed) change the picture.")
+    parser.add_argument("--preview", required=True, metavar="DIR", help="a folder of class folders, e.g. data/train")
+    parser.add_argument("--output", default="augmentation_preview.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=8, help="rows: images, spread over the classes "
+                                                               "(default: %(default)s)")
+    parser.add_argument("--views", type=int, default=5, help="augmented draws per image (default: %(default)s)")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.views < 1:
+        parser.error("--images and --views must be at least 1")
+    cfg = config_from_args(args)
+    dataset = LabelledImages(args.preview, find_classes(args.preview), transform=None)
+    grid = preview_grid(dataset, cfg, args.images, args.views)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.output)
+    rows = min(args.images, len(dataset))
+    print(f"wrote {args.output}: {rows} images x (original + {args.views} augmented) at {cfg.img_size}px")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -25,6 +25,7 @@ from config import config_from_dict
 from dataset import FlatImages, LabelledImages, center_crop, eval_crop, eval_transform, eval_sizes, find_classes, \
     loader_options, to_float_batch
 from model import UserError, build_model, short_list
+from report import write_report
 from utils import amp_dtype, autocast, default_workers, load_checkpoint, pick_device, run_cli
 
 TTA_MODES = ["none", "flip", "flip-crops"]
@@ -55,6 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-crop-ratio", type=float, default=0.0,
                    help="crop / resize ratio at test time, e.g. 224/232 = 0.9655 as torchvision's V2 weights "
                         "(default: each checkpoint's own)")
+    p.add_argument("--report", nargs="?", const="", default=None, metavar="DIR",
+                   help="with --val-dir: write the model report (per-class precision/recall/F1, confused pairs, "
+                        "most confident mistakes, calibration, accuracy per TTA mode) to DIR (default: report/ "
+                        "beside the checkpoint); the test folder is then optional")
     p.add_argument("--sweep-eval-size", type=int, nargs="+", default=[], metavar="SIZE",
                    help="with --val-dir: also report the val accuracy at each of these crop sizes, to find the best "
                         "test resolution for a model trained at another one")
@@ -69,6 +74,8 @@ def parse_args(argv=None):
         p.error("--topk must be 0 or more")
     if args.sweep_eval_size and not args.val_dir:
         p.error("--sweep-eval-size needs --val-dir")
+    if args.report is not None and not args.val_dir:
+        p.error("--report needs --val-dir (a labelled folder to measure the model on)")
     return args
 
 
@@ -224,11 +231,33 @@ def write_topk(names, probs, classes, k, path):
     df.sort_values("image_name", kind="stable").to_csv(path, index=False)
 
 
-def val_accuracy(members, classes, val_dir, args, device, mode):
+def val_probs(members, classes, val_dir, args, device, mode):
     def make_dataset(transform, draft):
         return LabelledImages(val_dir, classes, transform, draft_size=draft)
-    probs, targets, _ = ensemble_probs(members, make_dataset, args, device, mode, f"val ({mode})", len(classes))
+    return ensemble_probs(members, make_dataset, args, device, mode, f"val ({mode})", len(classes))
+
+
+def val_accuracy(members, classes, val_dir, args, device, mode):
+    probs, targets, _ = val_probs(members, classes, val_dir, args, device, mode)
     return float((probs.argmax(1) == np.array(targets)).mean()), len(targets)
+
+
+def model_report(members, classes, val_dir, args, device):
+    """Every TTA mode on the val folder, then report.py's files for the chosen one."""
+    probs_by_mode = {}
+    for mode in TTA_MODES:
+        probs_by_mode[mode], targets, bad = val_probs(members, classes, val_dir, args, device, mode)
+        acc = float((probs_by_mode[mode].argmax(1) == np.array(targets)).mean())
+        print(f"val accuracy with TTA {mode:10s}: {acc:.4f} ({len(targets)} images)")
+    # the readable images in loader order: an unreadable one comes back as the message "<path>: <reason>"
+    paths = [path for path, _ in LabelledImages(val_dir, classes, None).samples
+             if not any(m.startswith(path + ": ") for m in bad)]
+    out = args.report or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "report")
+    _, cfg, source, path = members[0]
+    title = f"{path} ({cfg.arch}, {source} weights)" if len(members) == 1 else f"ensemble of {len(members)} models"
+    write_report(out, probs_by_mode, targets, paths, classes, args.tta, f"{title} on {val_dir}")
+    print(f"wrote the model report to {out}/ (report.md, per_class.csv, confused_pairs.csv, tta.csv, "
+          "misclassified.png, reliability.png)")
 
 
 def validate(members, classes, val_dir, args, device):
@@ -239,7 +268,9 @@ def validate(members, classes, val_dir, args, device):
     if any(cfg.folds for _, cfg, _, _ in members):
         print("note: cross-validation runs trained on part of val/, so this accuracy is optimistic; the out-of-fold "
               "accuracy printed by train.py --all-folds is the fair estimate")
-    for mode in dict.fromkeys(["none", args.tta]):
+    if args.report is not None:
+        model_report(members, classes, val_dir, args, device)  # prints the accuracy of every TTA mode
+    for mode in dict.fromkeys(["none", args.tta]) if args.report is None else []:
         acc, n = val_accuracy(members, classes, val_dir, args, device, mode)
         print(f"val accuracy with TTA {mode:10s}: {acc:.4f} ({n} images)")
     # a ResNet pools globally, so it runs at any size; trained on small random crops it often scores best on
@@ -262,6 +293,9 @@ def main(argv=None):
         validate(members, classes, args.val_dir, args, device)
 
     test_dir = args.test_dir or os.path.join(args.data_dir, "test")
+    if args.report is not None and args.test_dir is None and not os.path.isdir(test_dir):
+        print(f"no test folder {test_dir}: no predictions written")
+        return 0
 
     def test_images(transform, draft):
         return FlatImages(test_dir, transform, draft_size=draft)

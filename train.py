@@ -6,7 +6,8 @@
     python train.py --resume checkpoints/<run>/last.pt   # carry on where a stopped run left off, bit for bit
     python train.py --data-dir data --check-data          # only decode every image once and list the bad ones
 
-Writes checkpoints/<run>/: last.pt, best.pt, config.json, history.csv, curves.png, confusion_matrix.png.
+Writes checkpoints/<run>/: last.pt, best.pt, config.json, history.csv, curves.png, confusion_matrix.png/.csv
+(and tensorboard/ with --tensorboard).
 SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves last.pt and prints the command that resumes the run.
 """
 import argparse
@@ -36,6 +37,7 @@ from mix import build_mixer, count_correct
 from model import UserError, build_model, count_params, short_list
 from resume import (EpochSampler, GracefulStop, Progress, keep_epoch_copy, load_resumable, remove_stale_temp_files,
                     restore_training_state, resume_path, resumed_config, training_state)
+from tensorboard_log import Board
 from utils import (amp_dtype, autocast, default_workers, make_ema, pick_device, plot_confusion, plot_curves, run_cli,
                    save_atomic, seed_everything, seed_worker, unwrap)
 
@@ -428,6 +430,7 @@ def main(argv=None):
     print(f"{cfg.arch} with {cfg.head} head: {n_params / 1e6:.1f}M parameters, {len(classes)} classes, "
           f"{len(train_set)} train / {len(val_set)} val images, device {device}"
           f"{', ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else ''}")
+    board = Board(run_dir, train_set, cfg) if cfg.tensorboard else None
 
     train_loader, val_loader, sampler = make_loaders(cfg, train_set, val_set, device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
@@ -512,6 +515,8 @@ def main(argv=None):
                 if cfg.folds:
                     write_oof(run_dir, cfg, val_set, chosen["preds"], classes)
             progress.history.append(row)
+            if board is not None:
+                board.log_epoch(row, os.path.join(run_dir, "confusion_matrix.png") if improved else None)
             progress.epoch, progress.step = epoch + 1, 0
             save()
             if distributed.is_main():
@@ -524,6 +529,8 @@ def main(argv=None):
             if stop.requested:
                 return stop_run(stop, progress, last, steps_per_epoch)
 
+    if board is not None:
+        board.close()
     best = progress.best
     print(f"best val accuracy {best['acc']:.4f} at epoch {best['epoch']} ({best['source']} weights)")
     print(f"run folder: {run_dir}")
