@@ -51,7 +51,8 @@ class Config:
 
     # schedule and optimiser
     epochs: int = opt(100, "training epochs")
-    batch_size: int = opt(64, "images per optimiser step")
+    batch_size: int = opt(64, "images per optimiser step, per process (under torchrun the global batch is N "
+                                   "processes x this)")
     lr: float = opt(5e-5, "AdamW peak learning rate")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     head_lr_mult: float = opt(1.0, "learning-rate multiplier for the classifier head")
@@ -70,6 +71,12 @@ class Config:
                       choices=["auto", "cpu", "cuda"])
     amp: str = opt("auto", "mixed precision on CUDA: auto = bf16 where supported, else fp16; always off on CPU",
                    choices=["auto", "bf16", "fp16", "off"])
+    lr_scale: str = opt("none", "under torchrun: multiply --lr and --min-lr by the number of processes (linear; the "
+                                "global batch over --batch-size) or by its square root (sqrt); none = the LR as given",
+                        choices=["none", "linear", "sqrt"])
+    sync_bn: bool = opt(False, "under torchrun on GPUs: BatchNorm normalises with the statistics of the global batch "
+                               "(SyncBatchNorm) instead of each process's own; PyTorch's SyncBatchNorm needs CUDA, "
+                               "so this stops with an error on the CPU")
     accum_steps: int = opt(1, "split each --batch-size step into N micro-batches whose gradients add up (same "
                               "effective batch for a smaller GPU; BatchNorm then sees micro-batches)")
 

@@ -68,12 +68,27 @@ def gather(obj):
     return objs
 
 
+def from_main(obj):
+    """Rank 0's obj on every rank (the others may pass None): work done once, its result shared."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
 def sum_all(values, device):
-    """Sum a few numbers over all ranks, in float64 (exact for counts); a tensor back on every rank."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    """Sum a few numbers (or 0-d tensors) over all ranks, in float64 (exact for counts); a tensor back on every
+    rank. One small collective: a flag summed this way tells every rank whether any rank raised it."""
+    t = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
     if active():
         dist.all_reduce(t)
     return t
+
+
+def any_rank(flag, device):
+    """True on every rank when flag is true on any: the ranks take a decision together, e.g. to stop."""
+    return bool(sum_all([flag], device)[0]) if active() else bool(flag)
 
 
 def broadcast_buffers(model):

@@ -4,11 +4,13 @@
     python inference.py --checkpoint best.pt --test-dir photos/ --tta flip-crops --topk 5 --val-dir data/val
     python inference.py --checkpoint checkpoints/cv                            # ensemble of every best.pt below
     python inference.py --checkpoint best.pt --val-dir data/val --sweep-eval-size 224 256 288
+    torchrun --nproc_per_node=4 inference.py --checkpoint best.pt      # a large test folder on 4 GPUs
 
 prediction.csv has the header image_name,pred_label: every test image once, sorted by name, the name without its
 extension, the label being the class folder's own name. Only the checkpoint is needed: no train/ folder, no download.
 Several checkpoints (or a folder of runs) make an ensemble: their softmaxes, each averaged over its TTA views, are
-averaged; they must share the class list.
+averaged; they must share the class list. Under torchrun every process predicts its own contiguous share of the
+images, and the first one gathers them and writes the same files as a single process would.
 """
 import argparse
 import dataclasses
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from config import config_from_dict
 from dataset import FlatImages, LabelledImages, center_crop, eval_crop, eval_transform, eval_sizes, find_classes, \
     loader_options, to_float_batch
@@ -176,19 +179,31 @@ def run_loader(model, loader, device, img_size, mode, desc, num_classes, dtype=N
     """Probabilities for every readable image of a loader, the second field of its batches (names or targets),
     and the messages of the unreadable images (an error unless skip_bad)."""
     probs, keys, bad = [torch.empty(0, num_classes)], [], []
-    for images, second, bad_files in tqdm(loader, desc=desc, dynamic_ncols=True):
-        if bad_files and not skip_bad:
-            raise UserError(f"unreadable image {bad_files[0]}; pass --skip-bad to predict around it")
+    for images, second, bad_files in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not distributed.is_main()):
+        if bad_files and not skip_bad and not distributed.active():  # under torchrun: once the shards are gathered
+            unreadable(bad_files)
         bad += bad_files
         if len(images):
             probs.append(predict_probs(model, images, device, img_size, mode, dtype))
             keys += list(second.tolist() if torch.is_tensor(second) else second)
+    # each process predicted its own share: gathered back in dataset order
+    shards = distributed.gather((torch.cat(probs).numpy(), keys, bad))
+    probs, keys, bad = (np.concatenate([s[0] for s in shards]), [k for s in shards for k in s[1]],
+                        [b for s in shards for b in s[2]])
+    if bad and not skip_bad:
+        unreadable(bad)
     for message in bad:
         tqdm.write(f"warning: unreadable image {message}")
-    return torch.cat(probs).numpy(), keys, bad
+    return probs, keys, bad
+
+
+def unreadable(bad):
+    raise UserError(f"unreadable image {bad[0]}; pass --skip-bad to predict around it")
 
 
 def make_loader(dataset, batch_size, workers, device):
+    """The loader of this process's contiguous share of the dataset (all of it in a single process)."""
+    dataset = torch.utils.data.Subset(dataset, distributed.shard(len(dataset)))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                        **loader_options(default_workers(workers), device))
 
@@ -252,10 +267,11 @@ def model_report(members, classes, val_dir, args, device):
     # the readable images in loader order: an unreadable one comes back as the message "<path>: <reason>"
     paths = [path for path, _ in LabelledImages(val_dir, classes, None).samples
              if not any(m.startswith(path + ": ") for m in bad)]
-    out = args.report or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "report")
+    out = args.report or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint[0])), "report")
     _, cfg, source, path = members[0]
     title = f"{path} ({cfg.arch}, {source} weights)" if len(members) == 1 else f"ensemble of {len(members)} models"
-    write_report(out, probs_by_mode, targets, paths, classes, args.tta, f"{title} on {val_dir}")
+    if distributed.is_main():
+        write_report(out, probs_by_mode, targets, paths, classes, args.tta, f"{title} on {val_dir}")
     print(f"wrote the model report to {out}/ (report.md, per_class.csv, confused_pairs.csv, tta.csv, "
           "misclassified.png, reliability.png)")
 
@@ -284,7 +300,7 @@ def validate(members, classes, val_dir, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = distributed.setup(pick_device(args.device))
     members, classes, prior = load_members(args, device)
     for _, cfg, source, path in members:
         print(f"{path}: {cfg.arch} ({source} weights), eval size {eval_crop(cfg)}, crop ratio {cfg.eval_crop_ratio:g}")
@@ -300,6 +316,8 @@ def main(argv=None):
     def test_images(transform, draft):
         return FlatImages(test_dir, transform, draft_size=draft)
     probs, names, bad = ensemble_probs(members, test_images, args, device, args.tta, "test", len(classes))
+    if not distributed.is_main():  # the first process writes the files
+        return 0
     if bad:  # every test file keeps its row: the unreadable ones get the training prior, i.e. the commonest class
         missing = sorted(set(test_images(None, None).names) - set(names))
         names += missing

@@ -33,7 +33,9 @@ FIXED_ON_RESUME = {"arch", "head", "batch_size", "ema", "max_params"}
 class Progress:
     """Where a run stands: with the state_dicts, all that a resumed run needs to carry on bit for bit."""
     epoch: int = 0  # the epoch in progress, 0-based
-    step: int = 0  # its batches already done
+    step: int = 0  # its optimiser steps already done
+    done: int = 0  # its images already trained on, all processes together: the position in the epoch order
+    processes: int = 1  # how many processes trained it
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": -1, "source": "raw"})
     skipped_files: list = field(default_factory=list)  # unreadable images met so far
@@ -48,7 +50,7 @@ class Progress:
     seconds: float = 0.0
 
     def start_epoch(self, lr):
-        self.step, self.epoch_lr, self.loss_sum, self.correct, self.seen = 0, lr, 0.0, 0, 0
+        self.step, self.done, self.epoch_lr, self.loss_sum, self.correct, self.seen = 0, 0, lr, 0.0, 0, 0
         self.nonfinite_steps, self.seconds = 0, 0.0
 
 
@@ -58,17 +60,20 @@ class EpochSampler(torch.utils.data.Sampler):
     """Shuffles each epoch with a generator seeded from seed + epoch (as DistributedSampler does) and hands every
     index out with its own augmentation seed, drawn from the same generator.
 
-    start_epoch(epoch, skip) begins an epoch after its first `skip` indices: a resumed epoch goes on with the very
-    batches and augmentations that the interrupted one would have seen. With num_replicas > 1 each rank takes every
-    num_replicas-th index of the padded permutation, as DistributedSampler does.
+    Not torch's DistributedSampler, because a resumed run must pick up mid-epoch: start_epoch(epoch, done) begins
+    an epoch after the first `done` images of its order (all processes together), so a resumed epoch goes on with
+    the very batches and augmentations that the interrupted one would have seen. With num_replicas > 1 each rank
+    takes every num_replicas-th index of the rest, padded with the epoch's first images to a multiple of
+    num_replicas (as DistributedSampler pads): every rank gets as many. Resumed with another number of processes,
+    the images no process has trained on yet are shared among the new ones in the same way.
     """
 
     def __init__(self, size, seed, num_replicas=1, rank=0):
         self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.done = 0, 0
 
-    def start_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
+    def start_epoch(self, epoch, done=0):
+        self.epoch, self.done = epoch, done
 
     def per_rank(self):
         return math.ceil(self.size / self.num_replicas)
@@ -77,12 +82,12 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=g).tolist()
         seeds = torch.randint(2**62, (self.size,), generator=g).tolist()
-        padded = order + order[:self.per_rank() * self.num_replicas - self.size]
-        mine = padded[self.rank::self.num_replicas]
-        return iter([(i, seeds[i]) for i in mine[self.skip:]])
+        rest = order[self.done:]
+        rest += order[:-len(rest) % self.num_replicas]
+        return iter([(i, seeds[i]) for i in rest[self.rank::self.num_replicas]])
 
     def __len__(self):
-        return max(0, self.per_rank() - self.skip)
+        return math.ceil(max(0, self.size - self.done) / self.num_replicas)
 
 
 # ---------------------------------------------------------------- random number generators

@@ -5,6 +5,7 @@
 
     python train.py --resume checkpoints/<run>/last.pt   # carry on where a stopped run left off, bit for bit
     python train.py --data-dir data --check-data          # only decode every image once and list the bad ones
+    torchrun --nproc_per_node=4 train.py --lr-scale linear   # one process per GPU (README: Multiple GPUs)
 
 Writes checkpoints/<run>/: last.pt, best.pt, config.json, history.csv, curves.png, confusion_matrix.png/.csv
 (and tensorboard/ with --tensorboard).
@@ -113,6 +114,11 @@ def setup_backends(cfg, device):
 
 def prepare_model(model, cfg, device):
     """Move to the device in the chosen memory format and compile; any DDP wrapper must come after this."""
+    if cfg.sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU (train without it)")
+        # same parameter and buffer names: the checkpoints still load into the plain model
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     return torch.compile(model) if cfg.compile else model
 
@@ -121,6 +127,14 @@ def build_optimizer(model, cfg):
     """AdamW over the stage-wise parameter groups of finetune.py (learning rate and weight decay per group)."""
     return torch.optim.AdamW(param_groups(unwrap(model), cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                              **adamw_kernel(model))
+
+
+def scaled_lr(cfg):
+    """The config with --lr and --min-lr scaled for the global batch (--lr-scale); the run's saved config keeps the
+    values as given, and a resumed run scales them for its own number of processes."""
+    n = distributed.world_size()
+    factor = {"none": 1, "linear": n, "sqrt": math.sqrt(n)}[cfg.lr_scale]
+    return dataclasses.replace(cfg, lr=cfg.lr * factor, min_lr=cfg.min_lr * factor)
 
 
 def adamw_kernel(model):
@@ -207,7 +221,7 @@ def train_step(model, micro_batches, criterion, optimizer, scaler, epoch, device
     Each micro-batch loss is weighted by its share of the step's images, so the summed gradient is the gradient of
     the mean loss over all of them: N micro-batches give the step of one batch of their union (up to float error
     and BatchNorm, which sees each micro-batch alone). A non-finite loss is not applied. Returns (mean loss,
-    correct predictions, images).
+    correct predictions, images), summed over all processes under torchrun.
     """
     total = sum(len(targets) for _, targets in micro_batches)
     loss_sum, correct = 0.0, 0
@@ -227,7 +241,10 @@ def train_step(model, micro_batches, criterion, optimizer, scaler, epoch, device
             scaler.scale(loss * (len(y) / total)).backward()
         loss_sum += loss.detach() * len(y)
         correct += count_correct(logits.detach(), y)
-    value = float(loss_sum) / total  # the one host sync of the step: a nan/inf step must not reach the weights
+    # the one host sync of the step, summed over the processes: a nan/inf loss on any of them makes the sum
+    # non-finite on all of them, so they all skip the step (its gradients were averaged into every process)
+    loss_sum, correct, total = distributed.sum_all([loss_sum, correct, total], device).tolist()
+    value = loss_sum / total
     if math.isfinite(value):
         scaler.step(optimizer)
         scaler.update()
@@ -261,17 +278,18 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema,
             progress.nonfinite_in_a_row = 0
             progress.loss_sum += value * n
             progress.correct += correct
-            progress.seen += n
+            progress.seen += int(n)
         else:
             skip_nonfinite_step(value, progress, cfg, dtype, run_dir)
         scheduler.step()  # the schedule follows the batches, skipped ones included
         progress.step += 1
+        progress.done += cfg.batch_size * distributed.world_size()
         progress.seconds += time.perf_counter() - start
         start = time.perf_counter()
         bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
                         acc=f"{progress.correct / max(progress.seen, 1):.3f}",
                         img_s=f"{progress.seen / max(progress.seconds, 1e-9):.0f}")
-        if stop.requested:
+        if distributed.any_rank(stop.requested, device):  # every process stops after the same step
             return False
         # never in a run of non-finite losses: last.pt stays the state after the last good step
         if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0 and not progress.nonfinite_in_a_row:
@@ -302,7 +320,7 @@ def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None, chan
     for images, y, bad_files in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                                      disable=not distributed.is_main()):
         if stop is not None and stop.requested:
-            return None
+            break
         bad += bad_files
         if len(images) == 0:
             continue
@@ -313,6 +331,8 @@ def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None, chan
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         preds.append(logits.argmax(1).cpu())
         targets.append(y.cpu())
+    if stop is not None and distributed.any_rank(stop.requested, device):  # all processes stop, or none
+        return None
     # every rank evaluated its own shard: gather predictions and losses in dataset order
     shards = distributed.gather((total_loss, torch.cat(preds).numpy() if preds else np.zeros(0, np.int64),
                                  torch.cat(targets).numpy() if targets else np.zeros(0, np.int64), bad))
@@ -353,7 +373,7 @@ def report_bad_files(bad, progress, run_dir=None):
     for message in new:
         tqdm.write(f"warning: skipped unreadable image {message}")
     progress.skipped_files = sorted(set(progress.skipped_files) | set(new))
-    if new and run_dir:
+    if new and run_dir and distributed.is_main():
         with open(os.path.join(run_dir, "skipped_images.txt"), "w") as f:
             f.write("\n".join(progress.skipped_files) + "\n")
 
@@ -362,7 +382,8 @@ def drop_unreadable(train_set, val_set, cfg, progress, run_dir=None):
     """Decode every train/val image once before training: name the unreadable ones and leave them out, or stop
     when they are more than --max-bad-frac of all."""
     paths = [p for p, _ in train_set.samples + val_set.samples]
-    bad = check_images(paths, default_workers(cfg.workers))
+    # decoded once, by the first process; the others take its list
+    bad = distributed.from_main(check_images(paths, default_workers(cfg.workers)) if distributed.is_main() else None)
     report_bad_files(bad.values(), progress, run_dir)
     if len(bad) > cfg.max_bad_frac * len(paths):
         where = f" (listed above and in {os.path.join(run_dir, 'skipped_images.txt')})" if run_dir else " (listed above)"
@@ -391,10 +412,34 @@ def check_data(cfg):
     return 0
 
 
+def resume_training(ckpt, cfg, model, ema, optimizer, scheduler, scaler, progress, steps_per_epoch):
+    """Load last.pt into the freshly built objects; returns the run's Progress.
+
+    With another number of processes than the run had, the global batch and the steps per epoch differ: the
+    interrupted epoch goes on with the images no process has trained on yet, shared among the new processes, and
+    the LR schedule is laid out again for the new steps per epoch (as --allow-schedule-change does), at the LR that
+    --lr-scale gives the new number of processes."""
+    saved = ckpt["progress"]
+    processes = distributed.world_size()
+    done = saved.get("done", saved["step"] * cfg.batch_size)  # earlier versions counted one process's steps
+    regrid = saved.get("processes", 1) != processes
+    step = round(done / (cfg.batch_size * processes)) if regrid else saved["step"]
+    replay = saved["epoch"] * steps_per_epoch + step if ckpt["schedule_changed"] or regrid else None
+    resumed = restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, replay)
+    resumed.skipped_files, resumed.train_images = progress.skipped_files, progress.train_images
+    resumed.step, resumed.done, resumed.processes = step, done, processes
+    if regrid:
+        print(f"the run was trained by {saved.get('processes', 1)} process(es), now {processes}: the rest of epoch "
+              f"{resumed.epoch + 1} is shared among them and the LR schedule follows the new steps per epoch")
+    print(f"resuming at epoch {resumed.epoch + 1} step {resumed.step}/{steps_per_epoch}")
+    return resumed
+
+
 def stop_run(stop, progress, last, steps_per_epoch):
     print(f"{stop.name}: stopped at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}; "
           f"saved {last}")
-    print(f"resume with: python train.py --resume {last}")
+    launcher = "python" if distributed.world_size() == 1 else "torchrun <the same options>"
+    print(f"resume with: {launcher} train.py --resume {last}")
     return 128 + stop.signum
 
 
@@ -402,8 +447,8 @@ def stop_run(stop, progress, last, steps_per_epoch):
 
 def main(argv=None):
     cfg, args, given = parse_args(argv)
-    if args.check_data:
-        return check_data(cfg)
+    if args.check_data:  # under torchrun the first process checks alone: the data are the same for all
+        return check_data(cfg) if int(os.environ.get("RANK", 0)) == 0 else 0
     if cfg.all_folds:
         return run_all_folds(main, argv, cfg, run_name(cfg))
     cfg, run_dir, ckpt = open_run(cfg, args, given)
@@ -430,33 +475,31 @@ def main(argv=None):
     print(f"{cfg.arch} with {cfg.head} head: {n_params / 1e6:.1f}M parameters, {len(classes)} classes, "
           f"{len(train_set)} train / {len(val_set)} val images, device {device}"
           f"{', ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else ''}")
-    board = Board(run_dir, train_set, cfg) if cfg.tensorboard else None
+    board = Board(run_dir, train_set, cfg) if cfg.tensorboard and distributed.is_main() else None
 
     train_loader, val_loader, sampler = make_loaders(cfg, train_set, val_set, device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    run_cfg = scaled_lr(cfg)
+    optimizer = build_optimizer(model, run_cfg)
+    scheduler = build_scheduler(optimizer, run_cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = make_ema(unwrap(model), cfg.ema_decay) if cfg.ema else None  # a copy of the plain module, not compiled
     class_counts = train_set.class_counts()
     weights = class_weights(class_counts, cfg.class_weights, cfg.class_weights_beta)
     criterion = TrainLoss(cfg, weights.to(device) if weights is not None else None)
     mixer = build_mixer(cfg, len(classes))
-    progress.train_images = len(train_set)
+    progress.train_images, progress.processes = len(train_set), distributed.world_size()
     if ckpt:
-        saved = ckpt["progress"]
-        replay = saved["epoch"] * steps_per_epoch + saved["step"] if ckpt["schedule_changed"] else None
-        skipped = progress.skipped_files
-        progress = restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, replay)
-        progress.skipped_files, progress.train_images = skipped, len(train_set)
-        print(f"resuming at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}")
+        progress = resume_training(ckpt, cfg, model, ema, optimizer, scheduler, scaler, progress, steps_per_epoch)
     if distributed.is_main():
         remove_stale_temp_files(run_dir)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dict(dataclasses.asdict(cfg), classes=classes, processes=distributed.world_size()), f,
                       indent=2)
+    scaling = f" (--lr {cfg.lr:g} x {run_cfg.lr / cfg.lr:.4g}, --lr-scale {cfg.lr_scale})" \
+        if cfg.lr_scale != "none" else ""
     print(f"{distributed.world_size()} process(es) x --batch-size {cfg.batch_size} = global batch "
-          f"{distributed.world_size() * cfg.batch_size}, lr {cfg.lr:g}")
+          f"{distributed.world_size() * cfg.batch_size}, lr {run_cfg.lr:g}{scaling}")
 
     last = os.path.join(run_dir, "last.pt")
 
@@ -473,9 +516,9 @@ def main(argv=None):
 
     with GracefulStop() as stop:
         for epoch in range(progress.epoch, cfg.epochs):
-            if progress.step == 0:
+            if progress.done == 0:
                 progress.start_epoch(reported_lr(optimizer))
-            sampler.start_epoch(epoch, progress.step * cfg.batch_size)
+            sampler.start_epoch(epoch, progress.done)
             phase, share = loss_phase(cfg, epoch)
             finished = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, scaler, ema, epoch,
                                        cfg, device, dtype, progress, stop, save, run_dir, mixer)
@@ -517,7 +560,7 @@ def main(argv=None):
             progress.history.append(row)
             if board is not None:
                 board.log_epoch(row, os.path.join(run_dir, "confusion_matrix.png") if improved else None)
-            progress.epoch, progress.step = epoch + 1, 0
+            progress.epoch, progress.step, progress.done = epoch + 1, 0, 0
             save()
             if distributed.is_main():
                 keep_epoch_copy(run_dir, epoch + 1, cfg.keep_epochs)
@@ -526,7 +569,7 @@ def main(argv=None):
             print(f"epoch {epoch + 1:3d}/{cfg.epochs} | {phase:5s} | lr {row['lr']:.2e} | train loss "
                   f"{row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {val['loss']:.4f} acc "
                   f"{val['acc']:.4f}{ema_text} | {row['images_per_s']:.0f} img/s{' | best' if improved else ''}")
-            if stop.requested:
+            if distributed.any_rank(stop.requested, device):
                 return stop_run(stop, progress, last, steps_per_epoch)
 
     if board is not None:

@@ -1,33 +1,63 @@
-"""Two processes under torchrun on CPU (gloo): the run trains, the ranks stay in step, evaluation is exact."""
+"""Two processes under torchrun on CPU (gloo): the run trains, the ranks stay in step, evaluation is exact, a stopped
+run resumes (with two processes or one), and inference writes the same files as one process."""
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
+import inference
 import train
-from conftest import ROOT, SAMPLE, TINY
+from conftest import ROOT, SAMPLE, TINY, run_main
 from dataset import build_train_val, collate_skipping_bad, eval_crop
 from model import build_model
 from config import config_from_dict
+from test_resume import TIMING_COLUMNS, wait_for
+
+# 2 processes x 16 images: 9 steps per epoch on the 300 sample images; the LR is scaled to 2 x 1e-3
+ARGS = ["--data-dir", SAMPLE, "--epochs", 2, *TINY, "--batch-size", 16, "--lr-scale", "linear",
+        "--save-every-steps", 2, "--tensorboard"]
 
 
-def test_two_process_run_evaluates_exactly_like_one_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), "--data-dir", SAMPLE, "--output-dir", tmp_path,
-                           "--run-name", "ddp", "--epochs", "2", *TINY], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es) x --batch-size 32 = global batch 64" in proc.stdout
-    assert proc.stdout.count("best val accuracy") == 1  # only rank 0 prints
-    run_dir = tmp_path / "ddp"
+def torchrun(script, *args, wait=True):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, script),
+               *map(str, args)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if wait:
+        proc.stdout_text, proc.stderr_text = proc.communicate(timeout=900)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One 2-process, 2-epoch run, never interrupted."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = torchrun("train.py", *ARGS, "--output-dir", out, "--run-name", "ddp")
+    assert proc.returncode == 0, proc.stderr_text[-3000:]
+    return out / "ddp", proc.stdout_text
+
+
+def test_two_process_run_evaluates_exactly_like_one_process(ddp_run):
+    run_dir, out = ddp_run
+    assert "2 process(es) x --batch-size 16 = global batch 32, lr 0.002 (--lr 0.001 x 2, --lr-scale linear)" in out
+    assert out.count("best val accuracy") == 1  # only rank 0 prints
+    assert len(os.listdir(run_dir / "tensorboard")) == 1  # and logs
     history = pd.read_csv(run_dir / "history.csv")
-    assert list(history["epoch"]) == [1, 2]
+    assert list(history["epoch"]) == [1, 2] and history["lr"].iloc[0] == 0.002
+
+    # the train columns count the images of both processes: 9 steps x 16 images x 2 processes
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert ckpt["progress"]["seen"] == 288 and history["train_loss"].nunique() == 2
+    correct = history["train_acc"].iloc[1] * 288
+    assert abs(correct - round(correct)) < 1e-3
 
     # one process, the saved weights of epoch 2, the whole val set
-    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     cfg = config_from_dict(ckpt["config"])
     _, val_set, classes = build_train_val(cfg)
     model = build_model(cfg.arch, len(classes), "none", cfg.head, cfg.head_dropout)
@@ -38,3 +68,90 @@ def test_two_process_run_evaluates_exactly_like_one_process(tmp_path):
         assert len(val["targets"]) == len(val_set) == 100
         assert val["acc"] == history[column].iloc[1], key
         assert np.isclose(val["loss"], history[column.replace("acc", "loss")].iloc[1], rtol=1e-4)
+
+
+def test_weight_check_passes_on_equal_ranks_and_catches_a_difference(tmp_path):
+    # the training run checks its ranks after every epoch (the run above passed); here one rank drifts
+    script = tmp_path / "drift.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {ROOT!r})
+import torch
+import distributed
+distributed.setup(torch.device("cpu"))
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 2)
+distributed.check_in_sync(model)
+print("equal weights pass", file=sys.stderr)
+if distributed.rank() == 1:
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-6
+try:
+    distributed.check_in_sync(model)
+except RuntimeError as error:
+    print(error, file=sys.stderr)
+""")
+    proc = torchrun(script)
+    assert proc.returncode == 0, proc.stderr_text[-3000:]
+    assert proc.stderr_text.count("equal weights pass") == 2
+    assert "rank 0 and rank 1 hold different weights" in proc.stderr_text
+    assert "rank 1 and rank 0 hold different weights" in proc.stderr_text
+
+
+def test_a_stopped_two_process_run_resumes_with_two_processes_or_one(ddp_run, tmp_path, capsys):
+    reference, _ = ddp_run
+    run_dir = tmp_path / "stopped"
+    # SIGTERM to torchrun, which passes it on: both processes stop after the same step, rank 0 saves
+    proc = torchrun("train.py", *ARGS, "--output-dir", tmp_path, "--run-name", "stopped", wait=False)
+    wait_for(run_dir / "last.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert "SIGTERM: stopped at epoch 1 step" in out, err[-3000:]
+    stopped = torch.load(run_dir / "last.pt", weights_only=True)["progress"]
+    assert stopped["epoch"] == 0 and 2 <= stopped["step"] < 9 and stopped["processes"] == 2
+    assert stopped["done"] == stopped["step"] * 32 and stopped["seen"] == stopped["done"]
+    shutil.copytree(run_dir, tmp_path / "one")
+
+    # the same command with --resume auto gives the uninterrupted run, bit for bit
+    proc = torchrun("train.py", *ARGS, "--output-dir", tmp_path, "--run-name", "stopped", "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr_text[-3000:]
+    assert f"resuming at epoch 1 step {stopped['step']}/9" in proc.stdout_text
+    ours, theirs = pd.read_csv(run_dir / "history.csv"), pd.read_csv(reference / "history.csv")
+    pd.testing.assert_frame_equal(ours.drop(columns=TIMING_COLUMNS), theirs.drop(columns=TIMING_COLUMNS))
+    ours, theirs = (torch.load(d / "last.pt", weights_only=True) for d in (run_dir, reference))
+    for key in ("model", "ema"):
+        for name, tensor in theirs[key].items():
+            assert torch.equal(ours[key][name], tensor), (key, name)
+
+    # one process carries on with the images of epoch 1 that neither process had trained on, 16 per step
+    code, out, err = run_main(train.main, ["--resume", tmp_path / "one" / "last.pt", "--keep-epochs", 2], capsys)
+    assert code == 0, err[-3000:]
+    assert "the run was trained by 2 process(es), now 1" in out
+    assert "1 process(es) x --batch-size 16 = global batch 16, lr 0.001 (--lr 0.001 x 1, --lr-scale linear)" in out
+    epochs = [torch.load(tmp_path / "one" / f"epoch-00{e}.pt", weights_only=True)["progress"] for e in (1, 2)]
+    assert epochs[0]["seen"] == stopped["seen"] + (300 - stopped["done"]) // 16 * 16
+    assert epochs[1]["seen"] == 288  # then 18 steps of 16 images per epoch
+    assert list(pd.read_csv(tmp_path / "one" / "history.csv")["epoch"]) == [1, 2]
+
+
+def test_two_process_inference_writes_the_files_of_one_process(ddp_run, tmp_path, capsys):
+    run_dir, _ = ddp_run
+    args = ["--checkpoint", run_dir / "best.pt", "--data-dir", SAMPLE, "--val-dir", os.path.join(SAMPLE, "val"),
+            "--tta", "flip", "--topk", 3, "--workers", 0]
+    proc = torchrun("inference.py", *args, "--output", tmp_path / "two.csv")
+    assert proc.returncode == 0, proc.stderr_text[-3000:]
+    code, out, err = run_main(inference.main, [*args, "--output", tmp_path / "one.csv"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    assert len(pd.read_csv(tmp_path / "two.csv")) == 50
+    two, one = pd.read_csv(tmp_path / "two_top3.csv"), pd.read_csv(tmp_path / "one_top3.csv")
+    pd.testing.assert_frame_equal(two, one, atol=1e-5)
+    accuracy = [line for line in out.splitlines() if line.startswith("val accuracy")]
+    assert len(accuracy) == 2 and all(line in proc.stdout_text for line in accuracy)
+
+
+def test_sync_bn_on_the_cpu_is_one_clear_error(tmp_path, capsys):
+    code, _, err = run_main(train.main, ["--data-dir", SAMPLE, "--output-dir", tmp_path, *TINY, "--device", "cpu",
+                                         "--sync-bn"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("error: --sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on "
+                                            "the CPU (train without it)")

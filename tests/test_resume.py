@@ -132,7 +132,7 @@ def test_epoch_order_depends_on_seed_and_epoch_only_and_skips_done_batches():
     whole = list(sampler)
     assert sorted(i for i, _ in whole) == list(range(10))
     again = EpochSampler(10, seed=3)
-    again.start_epoch(4, skip=6)
+    again.start_epoch(4, done=6)
     assert list(again) == whole[6:] and len(again) == 4
     again.start_epoch(5)
     assert [i for i, _ in again] != [i for i, _ in whole]
@@ -141,6 +141,16 @@ def test_epoch_order_depends_on_seed_and_epoch_only_and_skips_done_batches():
         r.start_epoch(4)
     shares = [list(r) for r in ranks]
     assert [len(s) for s in shares] == [4, 4, 4] and {i for s in shares for i, _ in s} == set(range(10))
+    # 2 processes did 2 steps of one image each: 3 processes share the 6 images left, each image once
+    two = [EpochSampler(10, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for r in two:
+        r.start_epoch(4)
+    done = sorted(p for r in two for p in list(r)[:2])
+    for r in ranks:
+        r.start_epoch(4, done=4)
+    rest = [list(r) for r in ranks]
+    assert sorted(done + [p for s in rest for p in s]) == sorted(whole)
+    assert [len(s) for s in rest] == [2, 2, 2] and [len(r) for r in ranks] == [2, 2, 2]
 
 
 def test_augmentation_follows_the_sample_seed_not_the_global_generator(tmp_path):
