@@ -20,8 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+import inference
 import train
 from config import Config
+from scripts.score import read_csv, score
 from model import UserError
 from utils import draw_confusion, markdown_table, pyplot, run_cli, save_figure
 
@@ -50,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="first seed (default: %(default)s)")
     p.add_argument("--name", default="ablation", help="grid folder under --output-dir (default: %(default)s)")
     p.add_argument("--output-dir", default="checkpoints", help="where the grid folder goes (default: %(default)s)")
+    p.add_argument("--test-labels", default=None, metavar="CSV",
+                   help="image_name,label of the flat test folder (<data-dir>/test): each run's best.pt then "
+                        "predicts it and the summary adds its test accuracy per --test-tta mode; selection stays "
+                        "on val")
+    p.add_argument("--test-tta", nargs="+", choices=inference.TTA_MODES, default=["none", "flip"],
+                   help="TTA modes scored on the test folder (default: %(default)s)")
     args, train_args = p.parse_known_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
@@ -106,9 +114,10 @@ def plan(args, train_args):
     check_passthrough(train_args, factors)
     grid_dir = os.path.join(args.output_dir, args.name)
     runs = []
-    for levels in itertools.product(*factors.values()):
-        settings = dict(zip(factors, levels))
-        for seed in range(args.seed, args.seed + args.repeats):
+    # seed-major: an ablation stopped early still holds whole replicates of the grid
+    for seed in range(args.seed, args.seed + args.repeats):
+        for levels in itertools.product(*factors.values()):
+            settings = dict(zip(factors, levels))
             name = "_".join(f"{k.replace('_', '-')}-{v.replace(' ', '-').replace('/', '-')}"
                             for k, v in settings.items()) + f"_seed{seed}"
             argv = [*train_args, *itertools.chain(*(level_args(k, v) for k, v in settings.items())),
@@ -154,6 +163,22 @@ def train_run(run, state):
 
 # ---------------------------------------------------------------- summary
 
+def test_scores(run, args, train_args):
+    """Test accuracy of the run's best.pt per TTA mode, from predictions written once into the run folder."""
+    if not args.test_labels:
+        return {}
+    data_dir = train.parse_args(run["argv"])[0].data_dir
+    labels = read_csv(args.test_labels)
+    scores = {}
+    for mode in args.test_tta:
+        path = os.path.join(run["dir"], f"test_prediction_{mode}.csv")
+        if not os.path.isfile(path):
+            inference.main(["--checkpoint", os.path.join(run["dir"], "best.pt"), "--data-dir", data_dir,
+                            "--tta", mode, "--output", path])
+        scores[f"test_acc_{mode}"] = score(read_csv(path), labels)["accuracy"]
+    return scores
+
+
 def summarize(run):
     """One summary row from the run's history.csv; 'best' is the epoch train.py kept in best.pt."""
     history = pd.read_csv(os.path.join(run["dir"], "history.csv"))
@@ -185,10 +210,11 @@ def mean_std(values, digits=4, sign=""):
 def cell_table(summary, factors):
     """One row per setting: mean ± std over the seeds."""
     rows = []
+    metrics = METRICS + [c for c in summary.columns if c.startswith("test_acc_")]
     for levels, group in summary.groupby(list(factors), sort=False):
         levels = levels if isinstance(levels, tuple) else (levels,)
         row = dict(zip(factors, levels), runs=len(group))
-        for metric in METRICS:
+        for metric in metrics:
             row[metric] = mean_std(group[metric], digits=1 if metric in ("best_epoch", "wall_seconds") else 4)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -284,7 +310,8 @@ def write_report(path, factors, summary, args, train_args):
     lines += ["## Main effects", "",
               "Each level's mean, averaged over the other factors, and its difference to the factor's first level"
               f"{' (mean ± std over the seeds)' if args.repeats > 1 else ''}.", ""]
-    effects = main_effects(summary, factors)
+    tests = [c for c in summary.columns if c.startswith("test_acc_")]
+    effects = main_effects(summary, factors, ("best_val_acc", *tests, "final_val_loss"))
     lines += [markdown_table(effects) if len(effects) else "no factor has two levels\n"]
     lines += ["## Curves", "", "![val curves](curves.png)", "",
               "## Confusion matrices", "", "![confusion matrices](confusion_grid.png)", "",
@@ -310,12 +337,13 @@ def main(argv=None):
             print(f"stopped; run the same ablation.py command again to carry on from {run['name']}")
             return code
 
-    summary = pd.DataFrame([summarize(r) for r in runs])
+    summary = pd.DataFrame([{**summarize(r), **test_scores(r, args, train_args)} for r in runs])
     summary.to_csv(os.path.join(grid_dir, "summary.csv"), index=False, float_format="%.6g")
     write_report(os.path.join(grid_dir, "report.md"), factors, summary, args, train_args)
     plot_curves(runs, os.path.join(grid_dir, "curves.png"))
     plot_confusion_grid(runs, factors, summary, os.path.join(grid_dir, "confusion_grid.png"))
-    print(markdown_table(summary[[*factors, "seed", "best_val_acc", "best_epoch", "final_val_loss",
+    tests = [c for c in summary.columns if c.startswith("test_acc_")]
+    print(markdown_table(summary[[*factors, "seed", "best_val_acc", *tests, "best_epoch", "final_val_loss",
                                   "train_val_gap", "wall_seconds"]]))
     print(f"wrote {grid_dir}/: summary.csv, report.md, curves.png, confusion_grid.png")
     return 0

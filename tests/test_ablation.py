@@ -89,3 +89,20 @@ def test_a_validation_pass_leaves_the_training_random_stream_alone():
     state = torch.get_rng_state()
     assert sum(len(y) for _, y, _ in val_loader) == len(val_set)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_test_labels_add_test_accuracy_per_tta_mode(tmp_path, capsys):
+    """Each run's best.pt predicts the flat test folder once per mode; the summary carries those accuracies."""
+    labels = os.path.join(SAMPLE, "test_labels.csv")
+    argv = [*ARGS, "--output-dir", tmp_path, "--grid", "ema=off", "--test-labels", labels, "--test-tta", "none", "flip"]
+    code, out, _ = run_main(ablation.main, argv, capsys)
+    assert code == 0
+    grid = tmp_path / "ablation"
+    summary = pd.read_csv(grid / "summary.csv")
+    truth = pd.read_csv(labels, dtype=str)
+    for mode in ["none", "flip"]:
+        pred = pd.read_csv(grid / summary["run"][0] / f"test_prediction_{mode}.csv", dtype=str)
+        assert len(pred) == len(truth) == 50
+        merged = truth.merge(pred, on="image_name")
+        assert summary[f"test_acc_{mode}"][0] == pytest.approx((merged["label"] == merged["pred_label"]).mean())
+    assert "test_acc_flip" in (grid / "report.md").read_text() and "test_acc_none" in out
