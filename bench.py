@@ -31,7 +31,8 @@ from inference import TTA_MODES, predict_probs
 from losses import TrainLoss
 from model import build_model
 from resume import GracefulStop, Progress
-from utils import amp_dtype, autocast, default_workers, pick_device, plot_confusion, run_cli, seed_everything
+from utils import (amp_dtype, autocast, confusion_counts, default_workers, pick_device, pyplot, run_cli, save_figure,
+                   seed_everything)
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, for the MFU column
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -89,11 +90,33 @@ def make_synthetic(root, n_train, n_classes=10):
 
 
 def seed_transform(cfg):
-    """The seed's per-image chain: our geometric steps plus jitter/grayscale/blur on the PIL image, then float
-    conversion, normalisation and erasing on the CPU."""
-    per_image = train_transform(dataclasses.replace(cfg, augment_on="loader")).transforms[:-1]  # without PILToTensor
-    return v2.Compose(per_image + [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                                   v2.Normalize(IMAGENET_MEAN, IMAGENET_STD), v2.RandomErasing(cfg.erasing)])
+    """The seed's per-image chain, all torchvision: our geometric steps (the same transforms), then ColorJitter,
+    RandomGrayscale and GaussianBlur on the PIL image, float conversion, normalisation and erasing on the CPU."""
+    geometric = train_transform(dataclasses.replace(cfg, augment_on="batch")).transforms[:-1]  # without PILToTensor
+    b, c, s, h = cfg.jitter
+    return v2.Compose(geometric + [
+        v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
+        v2.RandomGrayscale(cfg.grayscale),
+        v2.RandomApply([v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))], p=cfg.blur),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.RandomErasing(cfg.erasing)])
+
+
+def seed_heatmap(targets, preds, classes, path):
+    """The seed's confusion figure: every class, every cell annotated with its count (as a seaborn heatmap with
+    annot=True), drawn after every epoch."""
+    plt = pyplot()
+    n = len(classes)
+    cm = confusion_counts(targets, preds, n)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * n), max(5, 0.3 * n)))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(n), classes, rotation=90)
+    ax.set_yticks(range(n), classes)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def subset(dataset, n):
@@ -261,7 +284,7 @@ def seed_epoch(cfg, data_dir, device):
                 preds.append(model(to_float_batch(x, device)).argmax(1).cpu())
             targets.append(y)
     with tempfile.TemporaryDirectory() as tmp:
-        plot_confusion(torch.cat(targets).numpy(), torch.cat(preds).numpy(), classes, os.path.join(tmp, "cm.png"))
+        seed_heatmap(torch.cat(targets).numpy(), torch.cat(preds).numpy(), classes, os.path.join(tmp, "cm.png"))
     return len(train_loader) * cfg.batch_size
 
 
@@ -333,6 +356,7 @@ def print_table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    start = time.perf_counter()
     device = pick_device(args.device)
     cfg = Config(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=args.amp, device=args.device,
                  channels_last=not args.no_channels_last, compile=args.compile, workers=-1)
@@ -361,7 +385,9 @@ def main(argv=None):
         if "inference" in args.parts:
             rows += inference_rates(cfg, data_dir, device)
     meta["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    meta["wall_s"] = round(time.perf_counter() - start)
     print_table(rows)
+    print(f"\n{meta['wall_s']} s, load average {meta['load_average']} at the start, {meta['load_average_end']} at the end")
     with open(args.json, "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=2)
     print(f"\nwrote {args.json}")

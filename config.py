@@ -142,8 +142,9 @@ class Config:
     blur_kernel: int = opt(5, "GaussianBlur kernel size (odd)", group="augmentation")
     erasing: float = opt(0.2, "RandomErasing probability", group="augmentation")
     augment_on: str = opt("auto", "where colour jitter, grayscale and blur run: batch = per batch on the training "
-                                  "device, with per-image draws; loader = per image in the loader workers, as the "
-                                  "seed; auto = batch when training on CUDA, loader on the CPU (where PIL is faster)",
+                                  "device, with per-image draws; loader = per image in the loader workers (one colour "
+                                  "lookup table and a numpy blur per image); auto = the faster of the two for the "
+                                  "device: batch when training on CUDA, loader on the CPU",
                           choices=["auto", "batch", "loader"], group="augmentation")
 
     # mixing images of a batch (after random erasing); targets become class distributions

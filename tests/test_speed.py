@@ -14,8 +14,9 @@ import bench
 import train
 from config import Config
 from conftest import SAMPLE, TINY, run_main
-from dataset import (BatchAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, cache_file,
-                     erasing_boxes, gaussian_blur, load_cached, load_rgb, luma, train_transform)
+from dataset import (BatchAugment, ColourLUT, RandomBlur, adjust_brightness, adjust_contrast, adjust_hue,
+                     adjust_saturation, cache_file, draw_params, erasing_boxes, gaussian_blur, load_cached, load_rgb,
+                     luma, train_transform)
 from losses import TrainLoss
 from model import build_model
 
@@ -78,9 +79,51 @@ def test_erasing_boxes_fit_and_follow_the_probability():
     assert area.min() > 0.01 and area.max() < 0.36
 
 
+def photo_crop(seed=0, size=96):
+    return bench.synthetic_photo(np.random.default_rng(seed), 160, 120).crop((0, 0, size, size))
+
+
+def test_loader_colour_table_matches_torchvision_jitter_and_grayscale_on_the_same_draws():
+    colour = ColourLUT([0.25, 0.25, 0.25, 0.125], 0.5, grid=17)
+    grey = np.asarray(photo_crop(1).convert("L").convert("RGB"))  # plain grey pixels stay grey
+    diffs, greyed = [], 0
+    for seed in range(24):
+        img = photo_crop(seed)
+        torch.manual_seed(seed)
+        ours = np.asarray(colour(img), dtype=float)
+        torch.manual_seed(seed)  # the same draws, in the same order, through torchvision's own kernels
+        theirs = colour.jitter.transform(img, draw_params(colour.jitter, img))
+        if torch.rand(1).item() < 0.5:
+            theirs, greyed = TF.rgb_to_grayscale(theirs, 3), greyed + 1
+        diffs.append(np.abs(ours - np.asarray(theirs, dtype=float)))
+    diffs = np.stack(diffs)
+    assert 4 <= greyed <= 20  # both branches of the grayscale coin were compared
+    assert diffs.mean() < 2.5 and np.percentile(diffs, 99) <= 10  # levels of 255
+    assert diffs.mean(axis=(1, 2, 3)).max() < 4  # no image is off as a whole
+    assert np.array_equal(np.asarray(ColourLUT([0, 0, 0, 0], 0, grid=17)(Image.fromarray(grey))), grey)
+
+
+def test_loader_blur_matches_torchvision_blur_on_the_same_sigma():
+    img = photo_crop()
+    blur = RandomBlur(1.0, (0.1, 1.0), 5)
+    changed = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours = np.asarray(blur(img), dtype=int)
+        torch.manual_seed(seed)
+        torch.rand(1)  # RandomApply's coin
+        theirs = np.asarray(TF.gaussian_blur(img, [5, 5], draw_params(blur.blur, img)["sigma"]), dtype=int)
+        assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01
+        changed += not np.array_equal(ours, np.asarray(img))
+    assert changed >= 2  # the sigmas drawn blur visibly
+    torch.manual_seed(0)
+    kept = sum(RandomBlur(0.3, (0.1, 1.0), 5)(img) is img for _ in range(400))
+    assert 250 < kept < 310  # blurred with probability 0.3
+
+
 def test_loader_keeps_the_colour_steps_unless_they_run_per_batch():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
-    for where, steps in [("batch", 4), ("loader", 7)]:
+    for where, steps in [("batch", 4), ("loader", 6)]:
         transform = train_transform(Config(img_size=32, augment_on=where))
         assert len(transform.transforms) == steps
         assert transform(img).dtype == torch.uint8
