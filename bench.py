@@ -4,9 +4,9 @@ measured in the same run: the ratios, not the absolute numbers, are what carry f
     python bench.py                                    # CPU defaults (resnet18, 224 px, synthetic 500x375 JPEGs)
     python bench.py --arch resnext101_32x8d --batch-size 128 --device cuda --json bench-gpu.json
 
-Seed style = PIL decode of the full-size JPEG, the whole augmentation per image in the loader (ColorJitter's hue and
-the GaussianBlur on PIL images), float conversion and normalisation on the CPU, 2 loader workers, NCHW, fp32 on CPU
-and fp16 with a grad scaler on GPU, a loss.item() every step and the confusion heatmap drawn every epoch.
+Seed style = PIL decode of the full-size JPEG, torchvision's whole augmentation per image in the loader (ColorJitter's
+hue and the GaussianBlur on PIL images), float conversion and normalisation on the CPU, 2 loader workers, NCHW, fp32
+on CPU and fp16 with a grad scaler on GPU, a loss.item() every step and an annotated confusion heatmap every epoch.
 Prints a table and writes it as JSON (default bench.json).
 """
 import argparse
