@@ -3,6 +3,7 @@ Score a prediction.csv against the held-back test labels.
 
     python scripts/score.py prediction.csv data/sample/test_labels.csv
     python scripts/score.py prediction.csv data/sample/test_labels.csv --json score.json
+    python scripts/score.py prediction.csv data/sample/test_labels.csv --plot test_confusion.png
 
 prediction.csv: image_name,pred_label (a column called "label" is accepted too)
 labels csv:     image_name,label      (as written by scripts/fashion_mnist.py)
@@ -113,11 +114,26 @@ def to_json(result):
     return out
 
 
+def plot(confusion, path):
+    """The confusion matrix as train.py draws it (row-normalised PNG, counts beside it as .csv)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import numpy as np
+    from utils import plot_confusion
+
+    counts = confusion.values
+    true, pred = np.nonzero(counts)
+    n = counts[true, pred]
+    plot_confusion(np.repeat(true, n), np.repeat(pred, n), [str(c) for c in confusion.columns], path,
+                   title="test confusion matrix")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score prediction.csv against test labels.")
     p.add_argument("predictions", help="csv with image_name,pred_label")
     p.add_argument("labels", help="csv with image_name,label (e.g. data/sample/test_labels.csv)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
+    p.add_argument("--plot", metavar="PNG", help="also draw the row-normalised confusion matrix to PNG (its "
+                   "counts beside it, same name .csv)")
     args = p.parse_args(argv)
 
     result = score(read_csv(args.predictions), read_csv(args.labels))
@@ -134,6 +150,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(to_json(result), f, indent=2)
             f.write("\n")
+    if args.plot:
+        plot(result["confusion"], args.plot)
 
 
 if __name__ == "__main__":

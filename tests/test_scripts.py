@@ -41,7 +41,7 @@ def start(script, *args):
 
 
 def finish(proc):
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=300)  # a hang guard, generous for a loaded machine
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
@@ -85,9 +85,9 @@ def end_to_end(tmp_path_factory):
     convert = start("fashion_mnist.py", "--source-dir", src, "--out", out,
                     "--val-size", 20, "--size", 32)
     scoring = start("score.py", tmp / "prediction.csv", tmp / "labels.csv",
-                    "--json", tmp / "score.json")
-    return {"out": out, "convert": finish(convert),
-            "score": finish(scoring), "score_json": tmp / "score.json"}
+                    "--json", tmp / "score.json", "--plot", tmp / "confusion.png")
+    return {"out": out, "convert": finish(convert), "score": finish(scoring),
+            "score_json": tmp / "score.json", "score_plot": tmp / "confusion.png"}
 
 
 # -----------------------------------------------------------------------------
@@ -201,6 +201,9 @@ def test_score_cli(end_to_end):
     numbers = json.loads(end_to_end["score_json"].read_text())
     assert numbers["accuracy"] == pytest.approx(4 / 6)
     assert numbers["confusion"]["matrix"] == CONFUSION
+    assert Image.open(end_to_end["score_plot"]).size[0] > 100
+    counts = pd.read_csv(end_to_end["score_plot"].with_suffix(".csv"), index_col=0)
+    assert counts.values.tolist() == CONFUSION and list(counts.columns) == ["0", "1", "2"]
 
 
 @pytest.mark.parametrize("pred_rows, message", [
