@@ -61,6 +61,8 @@ def parse_args(argv=None):
     args, train_args = p.parse_known_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.test_tta != p.get_default("test_tta") and not args.test_labels:
+        raise UserError("--test-tta scores the test folder: it needs --test-labels")
     return args, train_args
 
 

@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from errors import UserError
+
 
 def opt(default, help, choices=None, group="training", flag=None, nargs=None, type=None):
     meta = dict(help=help, choices=choices, group=group, flag=flag, nargs=nargs, type=type)
@@ -103,8 +105,9 @@ class Config:
                                      "effective = effective number of samples, Cui et al. 2019",
                              choices=["none", "balanced", "effective"], group="loss")
     class_weights_beta: float = opt(0.999, "beta of the effective-number weights", group="loss")
-    class_weights_from: str = opt("focal", "apply class weights to the focal part only (as the seed) or from "
-                                           "the first epoch to every loss", choices=["focal", "start"], group="loss")
+    class_weights_from: str = opt("focal", "apply class weights to the focal part only (as the seed; with "
+                                           "--loss ce, which has no focal part, to the cross-entropy) or from the "
+                                           "first epoch to every loss", choices=["focal", "start"], group="loss")
 
     # cross-validation
     folds: int = opt(0, "K-fold cross-validation: pool train/ and val/, split them stratified into K folds (from "
@@ -191,3 +194,109 @@ def config_from_dict(d):
     """Rebuild a Config from a checkpoint's plain dict; fields added later keep their defaults."""
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------- settings that contradict or do nothing
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_ranges(cfg):
+    """One-line errors for values no run can use (a probability above 1, a crop larger than its resize, ...)."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+    for name in ("epochs", "batch_size", "img_size", "accum_steps"):
+        need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1 (it is {getattr(cfg, name)})")
+    for name in ("lr", "ema_decay", "class_weights_beta"):
+        need(getattr(cfg, name) > 0, f"{flag(name)} must be above 0 (it is {getattr(cfg, name):g})")
+    for name in ("hflip", "grayscale", "blur", "erasing", "mix_prob", "mix_switch_prob", "label_smoothing",
+                 "focal_blend", "ema_decay", "max_bad_frac"):
+        need(0 <= getattr(cfg, name) <= 1, f"{flag(name)} must lie in [0, 1] (it is {getattr(cfg, name):g})")
+    need(0 < cfg.eval_crop_ratio <= 1, f"--eval-crop-ratio {cfg.eval_crop_ratio:g} must lie in (0, 1]: it is crop / "
+                                       "resize, e.g. 224/256 = 0.875 (a ratio above 1 would crop outside the image)")
+    need(0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, f"--rrc-scale {cfg.rrc_scale[0]:g} {cfg.rrc_scale[1]:g}: "
+                                                        "need 0 < low <= high <= 1 (shares of the image area)")
+    need(cfg.blur_kernel >= 1 and cfg.blur_kernel % 2 == 1, f"--blur-kernel {cfg.blur_kernel} must be odd and >= 1")
+    for name in ("affine_scale", "blur_sigma"):
+        low, high = getattr(cfg, name)
+        need(0 < low <= high, f"{flag(name)} {low:g} {high:g}: need 0 < low <= high")
+    need(min(cfg.jitter) >= 0 and cfg.jitter[3] <= 0.5, "--jitter takes four amounts >= 0 (brightness, contrast, "
+                                                        "saturation, hue), the hue one at most 0.5")
+    need(0 <= cfg.affine_translate <= 1 and cfg.affine_degrees >= 0,
+         "--affine-translate must lie in [0, 1] and --affine-degrees be >= 0")
+    need(min(cfg.eval_size, cfg.min_lr, cfg.weight_decay, cfg.warmup_epochs, cfg.t_max, cfg.freeze_epochs,
+             cfg.save_every_steps, cfg.keep_epochs, cfg.mixup, cfg.cutmix) >= 0,
+         "--eval-size, --min-lr, --weight-decay, --warmup-epochs, --t-max, --freeze-epochs, --save-every-steps, "
+         "--keep-epochs, --mixup and --cutmix cannot be negative")
+    need(cfg.min_lr <= cfg.lr, f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the cosine would rise")
+
+
+def check_schedule(cfg):
+    """One-line errors for settings that contradict each other or the length of the run."""
+    if cfg.loss == "schedule" and cfg.focal_full < cfg.focal_start:
+        raise UserError(f"--focal-full {cfg.focal_full} is before --focal-start {cfg.focal_start}")
+    focal_reached = cfg.loss in ("focal", "smooth-focal") or (cfg.loss == "schedule" and cfg.focal_start < cfg.epochs)
+    if cfg.class_weights != "none" and cfg.class_weights_from == "focal" and cfg.loss == "schedule" \
+            and not focal_reached:
+        raise UserError(f"--class-weights {cfg.class_weights} applies to the focal part only, and this run ends "
+                        f"(--epochs {cfg.epochs}) before the focal phase (--focal-start {cfg.focal_start}): add "
+                        "--class-weights-from start, or lower --focal-start")
+
+
+def schedule_notes(cfg):
+    """What the run's length makes of the epoch-counted settings, when it is not what they usually do."""
+    notes = []
+    if cfg.freeze_epochs >= cfg.epochs:
+        notes.append(f"--freeze-epochs {cfg.freeze_epochs} >= --epochs {cfg.epochs}: the backbone stays frozen for "
+                     "the whole run (only the head trains)")
+    if cfg.warmup_epochs >= cfg.epochs:
+        notes.append(f"--warmup-epochs {cfg.warmup_epochs:g} >= --epochs {cfg.epochs}: the run ends before the LR "
+                     "reaches --lr")
+    if cfg.ema and cfg.ema_start_epoch >= cfg.epochs:
+        notes.append(f"--ema-start-epoch {cfg.ema_start_epoch} >= --epochs {cfg.epochs}: the EMA weights are never "
+                     "validated, so they cannot become best.pt's")
+    if cfg.loss == "schedule" and cfg.focal_start >= cfg.epochs:
+        notes.append(f"--loss schedule: the focal phase would start at epoch {cfg.focal_start + 1} (--focal-start "
+                     f"{cfg.focal_start}, counted from 0) and this run has {cfg.epochs} epochs, so it trains with "
+                     "cross-entropy only")
+    if cfg.class_weights != "none" and cfg.loss == "ce" and cfg.class_weights_from == "focal":
+        notes.append(f"--class-weights {cfg.class_weights} weight the cross-entropy: --loss ce has no focal part")
+    return notes
+
+
+def unused_settings(cfg):
+    """(flag, why) for each setting changed from its default that this run never uses."""
+    mixing, seed_list = cfg.mixup > 0 or cfg.cutmix > 0, cfg.aug == "seed"
+    rules = [
+        ("class_weights_beta", cfg.class_weights != "effective", "only --class-weights effective uses it"),
+        ("class_weights_from", cfg.class_weights == "none", "there are no --class-weights"),
+        ("ema_decay", not cfg.ema, "--no-ema"), ("ema_start_epoch", not cfg.ema, "--no-ema"),
+        ("mix_prob", not mixing, "no --mixup or --cutmix"), ("mix_off_epoch", not mixing, "no --mixup or --cutmix"),
+        ("mix_switch_prob", not (cfg.mixup > 0 and cfg.cutmix > 0), "it needs both --mixup and --cutmix"),
+        ("focal_gamma", cfg.loss == "ce", "--loss ce has no focal part"),
+        ("focal_blend", cfg.loss != "smooth-focal", "only --loss smooth-focal uses it"),
+        ("focal_start", cfg.loss != "schedule", "only --loss schedule uses it"),
+        ("focal_full", cfg.loss != "schedule", "only --loss schedule uses it"),
+        ("head_dropout", cfg.head == "linear", "--head linear has no dropout"),
+        ("fold", not cfg.folds, "there is no --folds K"),
+        ("mix_off_epoch", cfg.mix_off_epoch >= cfg.epochs, f"it is not before --epochs {cfg.epochs}"),
+    ]
+    rules += [(name, not seed_list, f"only --aug seed uses it (--aug {cfg.aug})")
+              for name in ("affine_degrees", "affine_translate", "affine_scale", "jitter", "grayscale", "blur",
+                           "blur_sigma", "blur_kernel", "augment_on")]
+    defaults, said = Config(), {}
+    for name, unused, why in rules:
+        if unused and getattr(cfg, name) != getattr(defaults, name):
+            said.setdefault(flag(name), why)
+    return list(said.items())
+
+
+def check_config(cfg):
+    """Raise a UserError for a setting that cannot work; return warnings for settings that change nothing or act
+    otherwise than usual in this run (an ablation grid may set them for its other levels, so they are said, not
+    refused)."""
+    check_ranges(cfg)
+    check_schedule(cfg)
+    return [f"{name} has no effect in this run: {why}" for name, why in unused_settings(cfg)] + schedule_notes(cfg)

@@ -422,6 +422,8 @@ def eval_transform(img_size, crop_ratio):
 
 def center_crop(batch, size):
     h, w = batch.shape[-2:]
+    if size > min(h, w):  # negative offsets would slice a sliver, which a network classifies all the same
+        raise ValueError(f"centre crop of {size} px from {h}x{w} images: the crop must fit inside")
     top, left = (h - size) // 2, (w - size) // 2
     return batch[..., top:top + size, left:left + size]
 

@@ -81,6 +81,12 @@ def run_all_folds(train_main, argv, cfg, run_name):
             return code
     parent = os.path.join(cfg.output_dir, run_name)
     parts = [os.path.join(parent, f"fold{i}", "oof.csv") for i in range(cfg.folds)]
+    missing = [i for i, p in enumerate(parts) if not os.path.exists(p)]
+    if len(missing) == len(parts):
+        raise UserError("no fold wrote its oof.csv (unreadable held-out images): no out-of-fold accuracy")
+    if missing:
+        print(f"warning: fold(s) {', '.join(map(str, missing))} wrote no oof.csv (unreadable held-out images): the "
+              "out-of-fold accuracy below leaves their images out")
     oof = pd.concat([pd.read_csv(p, dtype=str) for p in parts if os.path.exists(p)], ignore_index=True)
     oof.to_csv(os.path.join(parent, "oof.csv"), index=False)
     accuracy = float((oof["label"] == oof["pred"]).mean())

@@ -45,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default="prediction.csv", help="CSV to write (default: %(default)s)")
     p.add_argument("--tta", choices=TTA_MODES, default="flip",
                    help="deterministic test-time augmentation, softmax averaged over the views: none = centre crop; "
-                        "flip = centre crop + its mirror; flip-crops = also the whole resized square and its four "
-                        "corner crops, mirrored (default: %(default)s)")
+                        "flip = centre crop + its mirror; flip-crops = those two, the whole resized square and its "
+                        "mirror, and the square's four corner crops (not mirrored): 8 views (default: %(default)s)")
     p.add_argument("--topk", type=int, default=0,
                    help="also write the K most likely labels and their probabilities to <output>_top<K>.csv")
     p.add_argument("--weights", choices=["best", "ema", "raw"], default="best",
@@ -75,6 +75,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.topk < 0:
         p.error("--topk must be 0 or more")
+    if not 0 <= args.eval_crop_ratio <= 1:
+        p.error(f"--eval-crop-ratio {args.eval_crop_ratio:g} must lie in (0, 1]: it is crop / resize, e.g. 224/256 "
+                "= 0.875 (a ratio above 1 would crop outside the image)")
+    if min(args.eval_size, *args.sweep_eval_size, 0) < 0 or 0 in args.sweep_eval_size or args.batch_size < 1:
+        p.error("--eval-size and --sweep-eval-size must be positive sizes, --batch-size at least 1")
     if args.sweep_eval_size and not args.val_dir:
         p.error("--sweep-eval-size needs --val-dir")
     if args.report is not None and not args.val_dir:

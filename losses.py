@@ -84,7 +84,9 @@ class TrainLoss:
     def __call__(self, logits, target, epoch):
         cfg = self.cfg
         _, share = loss_phase(cfg, epoch)
-        ce_weights = self.weights if cfg.class_weights_from == "start" else None
+        # the CE part is weighted from the first epoch (--class-weights-from start), or when the loss has no focal
+        # part for the weights to enter (--loss ce: weighted cross-entropy)
+        ce_weights = self.weights if cfg.class_weights_from == "start" or cfg.loss == "ce" else None
         loss = 0.0
         if share < 1:
             loss = (1 - share) * cross_entropy(logits, target, cfg.label_smoothing, ce_weights)

@@ -11,15 +11,13 @@ import torch
 from torch import nn
 from torchvision import models
 
+from errors import UserError
+
 ARCHS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
     "wide_resnet50_2", "wide_resnet101_2",
 ]
-
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one line, never as a traceback."""
 
 
 def mlp_head(in_features, num_classes, dropout=(0.4, 0.3, 0.2)):

@@ -9,6 +9,7 @@ import glob
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import distributed
 from config import Config, config_from_dict
 from model import UserError
 from utils import load_checkpoint, unwrap
@@ -103,6 +105,37 @@ def rng_state():
     }
 
 
+def seed_rank_streams(seed, salt=0):
+    """Give each torchrun process a random stream of its own for the work drawn in the training loop (dropout,
+    random erasing, the device-side colour draws, the mixing coin): with one shared stream, image j of every
+    process's batch would get the same jitter, box and mask. The model is built before this, from --seed alone, so
+    every process starts from the same weights. Rank 0 keeps the stream of --seed: one process trains as before."""
+    rank = distributed.rank()
+    if rank == 0:
+        return
+    derived = int(np.random.SeedSequence([seed, rank, salt]).generate_state(1, np.uint64)[0] >> 1)
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)  # seeds CUDA too
+
+
+def rank_rng_states():
+    """Every process's rng_state(), in rank order (called by all processes together), or None in a single one."""
+    return distributed.gather(rng_state()) if distributed.active() else None
+
+
+def restore_rng(ckpt):
+    """Set this process's generators to where the saved run left them. Resumed with another number of processes
+    (or from a checkpoint without per-process states) the other ranks draw fresh streams of their own, since the old
+    ones no longer map onto the new processes."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks and len(ranks) == distributed.world_size():
+        set_rng_state(ranks[distributed.rank()])
+        return
+    set_rng_state(ckpt["rng"])
+    seed_rank_streams(ckpt["config"].get("seed", 0), salt=1 + ckpt["progress"].get("done", 0))
+
+
 def set_rng_state(state):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -156,9 +189,18 @@ def restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, repla
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, new in zip(optimizer.param_groups, settings):
             group.update(new)
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])  # last: building the objects above drew random numbers
+    restore_scaler(scaler, ckpt["scaler"])
+    restore_rng(ckpt)  # last: building the objects above drew random numbers
     return Progress(**ckpt["progress"])
+
+
+def restore_scaler(scaler, state):
+    """Load the fp16 loss scale. A run that trained without fp16 (CPU, bf16, --amp off) saved a disabled scaler's
+    empty state: resumed on a GPU that computes in fp16, the scaler starts at its initial scale instead."""
+    if not state and scaler.is_enabled():
+        print("the run trained without fp16 loss scaling: the fp16 loss scale starts afresh")
+        return
+    scaler.load_state_dict(state)
 
 
 # ---------------------------------------------------------------- --resume
@@ -205,10 +247,46 @@ def resumed_config(saved, given, allow_schedule_change):
 
 # ---------------------------------------------------------------- files
 
+# what a run writes into its folder (inference.py --report adds report/, --all-folds the fold<i>/ runs): a new run
+# with --overwrite removes all of it first, so that nothing of the old run can be resumed, pruned, ensembled or
+# counted in place of the new run's
+RUN_FILES = ["last.pt", "best.pt", "epoch-*.pt", ".tmp-*.pt", "config.json", "history.csv", "curves.png",
+             "confusion_matrix.png", "confusion_matrix.csv", "folds.csv", "oof.csv", "skipped_images.txt",
+             "*.tmp.png", "tensorboard", "report", "fold[0-9]*"]
+
+
+def run_files(run_dir):
+    """The names of the run files already in run_dir, sorted (files and folders of RUN_FILES)."""
+    found = {os.path.basename(p) for pattern in RUN_FILES for p in glob.glob(os.path.join(run_dir, pattern))}
+    return sorted(found)
+
+
+def clear_run(run_dir):
+    """Remove the run files of an earlier run from run_dir (other files stay); returns the names removed."""
+    removed = run_files(run_dir)
+    for name in removed:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return removed
+
+
 def remove_stale_temp_files(run_dir):
     """A save killed mid-write (kill -9, power loss) leaves its temporary file behind, never a broken last.pt."""
     for path in glob.glob(os.path.join(run_dir, ".tmp-*.pt")):
         os.remove(path)
+
+
+def epoch_copies(run_dir):
+    """[(epoch, path)] of the epoch-NNN.pt copies in run_dir, by epoch number (epoch-1000 after epoch-999)."""
+    copies = []
+    for path in glob.glob(os.path.join(run_dir, "epoch-*.pt")):
+        match = re.fullmatch(r"epoch-(\d+)\.pt", os.path.basename(path))
+        if match:
+            copies.append((int(match.group(1)), path))
+    return sorted(copies)
 
 
 def keep_epoch_copy(run_dir, epoch, keep):
@@ -223,7 +301,7 @@ def keep_epoch_copy(run_dir, epoch, keep):
     except OSError:  # file systems without hard links
         shutil.copyfile(last, copy)
     # pruned only now that the new copy is on disk
-    for old in sorted(glob.glob(os.path.join(run_dir, "epoch-[0-9][0-9][0-9]*.pt")))[:-keep]:
+    for _, old in epoch_copies(run_dir)[:-keep]:
         os.remove(old)
 
 

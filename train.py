@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from config import Config, add_config_args, config_from_args
+from config import Config, add_config_args, check_config, config_from_args
 from dataset import (BatchAugment, build_train_val, check_images, center_crop, eval_crop, list_images,
                      loader_options,
                      to_float_batch)
@@ -36,8 +36,9 @@ from folds import fold_datasets, run_all_folds, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
 from mix import build_mixer, count_correct
 from model import UserError, build_model, count_params, short_list
-from resume import (EpochSampler, GracefulStop, Progress, keep_epoch_copy, load_resumable, remove_stale_temp_files,
-                    restore_training_state, resume_path, resumed_config, training_state)
+from resume import (EpochSampler, GracefulStop, Progress, clear_run, keep_epoch_copy, load_resumable, rank_rng_states,
+                    remove_stale_temp_files, restore_training_state, resume_path, resumed_config, run_files,
+                    seed_rank_streams, training_state)
 from tensorboard_log import Board
 from utils import (amp_dtype, autocast, default_workers, make_ema, pick_device, plot_confusion, plot_curves, run_cli,
                    save_atomic, seed_everything, seed_worker, unwrap)
@@ -161,15 +162,54 @@ def build_scheduler(optimizer, cfg, steps_per_epoch):
 
 
 def run_name(cfg):
-    return cfg.run_name or f"{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}"
+    """--run-name, or <arch>-<date>-<time>; under torchrun the first process names the run for all of them (each
+    taking its own clock could straddle a second and write to two folders)."""
+    return cfg.run_name or distributed.from_main(f"{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def clear_old_run(run_dir, overwrite):
+    """Refuse a folder that holds a run, or with --overwrite remove that run's files first, so that nothing of it
+    (last.pt for --resume auto, best.pt for inference, epoch copies, oof.csv) can pass for the new run's. The first
+    process decides and removes; the others wait for it."""
+    old = distributed.from_main(run_files(run_dir) if distributed.is_main() else None)
+    if old and not overwrite:
+        raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to start it "
+                        f"again, or choose another --run-name (it holds {short_names(old)})")
+    if old:
+        removed = distributed.from_main(clear_run(run_dir) if distributed.is_main() else None)
+        print(f"--overwrite: removed the earlier run's {short_names(removed, 12)} from {run_dir}")
+
+
+def short_names(names, n=5):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def new_run_dir(cfg, overwrite):
     run_dir = os.path.join(cfg.output_dir, run_name(cfg))
-    if os.path.exists(os.path.join(run_dir, "last.pt")) and not overwrite:
-        raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to start it "
-                        "again, or choose another --run-name")
+    clear_old_run(run_dir, overwrite)
     return run_dir
+
+
+def folds_parent(cfg, overwrite):
+    """--all-folds: the parent run's name; with --overwrite, every file of an earlier run below it goes first
+    (fold folders of a run with more folds, its oof.csv)."""
+    name = run_name(cfg)
+    parent = os.path.join(cfg.output_dir, name)
+    if overwrite:
+        clear_old_run(parent, overwrite)
+    return name
+
+
+def print_warnings(cfg, device):
+    """Say every setting that changes nothing in this run (config.check_config) or on this device."""
+    warnings = check_config(cfg)
+    if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
+        warnings.append(f"--amp {cfg.amp} has no effect on the {device.type}: mixed precision runs on CUDA only, "
+                        "this run computes in float32")
+    if cfg.sync_bn and distributed.world_size() == 1:
+        warnings.append("--sync-bn has no effect in a single process (it syncs BatchNorm across torchrun processes)")
+    for warning in warnings:
+        print(f"warning: {warning}")
 
 
 def open_run(cfg, args, given):
@@ -180,9 +220,11 @@ def open_run(cfg, args, given):
     if path is None:
         if args.resume:
             print(f"no checkpoint in {os.path.join(cfg.output_dir, cfg.run_name)} yet: starting the run")
+        check_config(cfg)  # before anything of an earlier run is removed
         return cfg, new_run_dir(cfg, args.overwrite), None
     ckpt = load_resumable(path)
     cfg, schedule_changed = resumed_config(ckpt["config"], given, args.allow_schedule_change)
+    check_config(cfg)
     run_dir = os.path.dirname(path) or "."
     cfg = dataclasses.replace(cfg, output_dir=os.path.dirname(run_dir) or ".", run_name=os.path.basename(run_dir))
     ckpt["schedule_changed"] = schedule_changed
@@ -201,6 +243,16 @@ def check_resume_data(ckpt, classes, train_images, allow_change):
 
 
 # ---------------------------------------------------------------- one epoch
+
+def training_module(model, frozen, device):
+    """The module an epoch trains, with the backbone frozen or not. Under torchrun it is a DDP wrapper built after
+    the freeze: DDP registers the parameters that need gradients when it is built, so it is built again whenever
+    that set changes (--freeze-epochs); the plain module stays for evaluation, the EMA and the checkpoints."""
+    set_backbone_frozen(unwrap(model), frozen)
+    if not distributed.active():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
 
 def micro_batch_groups(loader, n):
     """Lists of n consecutive loader batches (the last list may be shorter): one optimiser step each."""
@@ -449,10 +501,12 @@ def main(argv=None):
     cfg, args, given = parse_args(argv)
     if args.check_data:  # under torchrun the first process checks alone: the data are the same for all
         return check_data(cfg) if int(os.environ.get("RANK", 0)) == 0 else 0
+    device = distributed.setup(pick_device(cfg.device))  # first: the first process names the run for all
     if cfg.all_folds:
-        return run_all_folds(main, argv, cfg, run_name(cfg))
+        check_config(cfg)
+        return run_all_folds(main, argv, cfg, folds_parent(cfg, args.overwrite))
     cfg, run_dir, ckpt = open_run(cfg, args, given)
-    device = distributed.setup(pick_device(cfg.device))
+    print_warnings(cfg, device)
     seed_everything(cfg.seed)
     dtype = amp_dtype(cfg, device)
 
@@ -489,6 +543,7 @@ def main(argv=None):
     criterion = TrainLoss(cfg, weights.to(device) if weights is not None else None)
     mixer = build_mixer(cfg, len(classes))
     progress.train_images, progress.processes = len(train_set), distributed.world_size()
+    seed_rank_streams(cfg.seed)  # every process built the same model; from here each draws its own numbers
     if ckpt:
         progress = resume_training(ckpt, cfg, model, ema, optimizer, scheduler, scaler, progress, steps_per_epoch)
     if distributed.is_main():
@@ -503,19 +558,18 @@ def main(argv=None):
 
     last = os.path.join(run_dir, "last.pt")
 
-    def save():  # rank 0 writes every file of the run
+    def save():  # rank 0 writes every file of the run, with every process's random generators
+        rngs = rank_rng_states()
         if distributed.is_main():
-            save_atomic(training_state(model, ema, optimizer, scheduler, scaler, progress, cfg, classes, class_counts),
-                        last)
+            state = training_state(model, ema, optimizer, scheduler, scaler, progress, cfg, classes, class_counts)
+            save_atomic(dict(state, rng_ranks=rngs), last)
 
-    # DDP averages the gradients; the plain module stays for evaluation, the EMA and the checkpoints.
-    train_model = model
-    if distributed.active():
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    train_model, frozen = None, None
     with GracefulStop() as stop:
         for epoch in range(progress.epoch, cfg.epochs):
+            if backbone_frozen(cfg, epoch) != frozen:
+                frozen = backbone_frozen(cfg, epoch)
+                train_model = training_module(model, frozen, device)
             if progress.done == 0:
                 progress.start_epoch(reported_lr(optimizer))
             sampler.start_epoch(epoch, progress.done)

@@ -2,7 +2,6 @@
 import os
 import random
 import signal
-import sys
 import tempfile
 from contextlib import nullcontext
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from model import UserError
+from errors import UserError, run_cli  # noqa: F401  (run_cli: the scripts import it from here)
 
 
 # ---------------------------------------------------------------- EMA
@@ -238,17 +237,3 @@ def save_figure(fig, path):
     fig.savefig(tmp, dpi=100)
     pyplot().close(fig)
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- command-line helpers
-
-def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, never a traceback."""
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

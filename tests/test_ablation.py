@@ -74,6 +74,7 @@ def test_main_effects_on_a_crafted_summary():
     (["--grid", "ema"], "FIELD=LEVEL1,LEVEL2"),
     (["--loss", "ce"], "comes from ablation.py's --grid"),
     (["--run-name", "x"], "--name"),
+    (["--test-tta", "flip-crops"], "it needs --test-labels"),
 ])
 def test_grid_mistakes_are_one_line_before_any_training(tmp_path, capsys, argv, message):
     code, _, err = run_main(ablation.main, [*ARGS, "--output-dir", tmp_path, *argv], capsys)

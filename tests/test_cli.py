@@ -12,7 +12,9 @@ from config import Config
 import inference
 import train
 from conftest import SAMPLE, TINY, run_main, run_script
+from dataset import center_crop
 from inference import write_predictions
+from losses import TrainLoss, cross_entropy
 
 RUN_FILES = ["last.pt", "best.pt", "config.json", "history.csv", "curves.png", "confusion_matrix.png"]
 
@@ -147,3 +149,64 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
     proc = run_script("inference.py", "--checkpoint", path, check=False)
     line = one_line_error(proc.returncode, proc.stderr)
     assert "refusing to load" in line
+
+
+# ---------------------------------------------------------------- settings that would silently change nothing
+
+def test_class_weights_weight_the_cross_entropy_of_loss_ce():
+    logits, targets = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 0, 0, 0, 1, 2])
+    weights = torch.tensor([0.5, 2.0, 2.0])
+    cfg = dataclasses.replace(Config(), loss="ce", class_weights="balanced")
+    weighted, plain = TrainLoss(cfg, weights)(logits, targets, 0), TrainLoss(cfg, None)(logits, targets, 0)
+    assert weighted == pytest.approx(cross_entropy(logits, targets, cfg.label_smoothing, weights).item())
+    assert weighted != pytest.approx(plain.item())
+
+
+def test_settings_that_do_nothing_are_said_and_contradictions_refused(tmp_path, capsys):
+    base = ["--data-dir", SAMPLE, "--output-dir", tmp_path, *TINY, "--epochs", 2, "--max-params", 1]
+
+    def warnings(*argv):  # the run stops at --max-params, after saying what it thinks of its settings
+        code, out, err = run_main(train.main, [*base, *argv], capsys)
+        assert "over --max-params" in one_line_error(code, err)
+        return [line for line in out.splitlines() if line.startswith("warning: ")]
+
+    said = warnings("--mix-off-epoch", 1, "--no-ema", "--ema-start-epoch", 1, "--aug", "light", "--jitter", 0, 0, 0,
+                    0, "--loss", "ce", "--class-weights", "effective", "--class-weights-beta", 0.99, "--focal-gamma",
+                    2, "--head", "linear", "--head-dropout", 0, 0, 0, "--fold", 1, "--freeze-epochs", 2)
+    for text in ["--mix-off-epoch has no effect in this run: no --mixup or --cutmix",
+                 "--ema-start-epoch has no effect in this run: --no-ema",
+                 "--jitter has no effect in this run: only --aug seed uses it (--aug light)",
+                 "--focal-gamma has no effect in this run: --loss ce has no focal part",
+                 "--head-dropout has no effect in this run: --head linear has no dropout",
+                 "--fold has no effect in this run: there is no --folds K",
+                 "--freeze-epochs 2 >= --epochs 2: the backbone stays frozen for the whole run",
+                 "--class-weights effective weight the cross-entropy: --loss ce has no focal part"]:
+        assert any(line.startswith(f"warning: {text}") for line in said), (text, said)
+    assert not any("class-weights-beta" in line for line in said)  # effective weights use it
+    assert warnings("--loss", "focal", "--mixup", 0.2, "--mix-off-epoch", 1) == []
+
+    def error(*argv):
+        return one_line_error(*run_main(train.main, [*base, *argv], capsys)[::2])
+
+    assert "add --class-weights-from start" in error("--class-weights", "balanced")  # 2 epochs: no focal phase
+    assert "--eval-crop-ratio 1.14286 must lie in (0, 1]" in error("--eval-crop-ratio", 256 / 224)
+    assert "--hflip must lie in [0, 1]" in error("--hflip", 1.5)
+    assert "--focal-full 3 is before --focal-start 5" in error("--focal-start", 5, "--focal-full", 3)
+    assert "--rrc-scale" in error("--rrc-scale", 0.9, 0.5)
+
+
+def test_an_eval_crop_larger_than_its_image_is_refused(trained_run, tmp_path, capsys):
+    with pytest.raises(ValueError, match="the crop must fit inside"):
+        center_crop(torch.zeros(1, 3, 196, 196, dtype=torch.uint8), 224)
+    code, _, err = run_main(inference.main, ["--checkpoint", trained_run[0] / "best.pt", "--data-dir", SAMPLE,
+                                             "--eval-crop-ratio", 1.14], capsys)
+    assert code == 2 and "--eval-crop-ratio 1.14 must lie in (0, 1]" in err and "Traceback" not in err
+
+
+def test_flip_crops_views_are_the_ones_the_help_names():
+    square = torch.arange(2 * 3 * 40 * 40, dtype=torch.float32).view(2, 3, 40, 40)
+    views = inference.tta_views(square, 32, "flip-crops")
+    assert len(views) == 8  # centre, its mirror, whole, its mirror, four corners as they are
+    assert torch.equal(views[1], views[0].flip(-1)) and torch.equal(views[3], views[2].flip(-1))
+    corners = [square[..., :32, :32], square[..., :32, 8:], square[..., 8:, :32], square[..., 8:, 8:]]
+    assert all(torch.equal(view, corner) for view, corner in zip(views[4:], corners))

@@ -155,3 +155,57 @@ def test_sync_bn_on_the_cpu_is_one_clear_error(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("error: --sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on "
                                             "the CPU (train without it)")
+
+
+def test_each_process_draws_its_own_random_numbers_and_the_first_names_the_run(tmp_path):
+    script = tmp_path / "streams.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {ROOT!r})
+import datetime
+import torch
+import distributed
+import train
+from config import Config
+from dataset import erasing_boxes
+from resume import seed_rank_streams
+from utils import seed_everything
+
+distributed.setup(torch.device("cpu"))
+seed_everything(42)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+weights = model[0].weight.detach().clone()  # built before the streams part: the same on every process
+seed_rank_streams(42)
+draws = (torch.rand(4), erasing_boxes(16, 32, 32, 1.0), model(torch.ones(8, 4)) == 0)
+theirs = distributed.gather((weights, draws))
+if distributed.rank() == 0:
+    same_weights = torch.equal(theirs[0][0], theirs[1][0])
+    same_draws = [torch.equal(a, b) for a, b in zip(theirs[0][1], theirs[1][1])]
+    print(f"weights equal {{same_weights}}, draws equal {{same_draws}}", file=sys.stderr)
+
+class Later(datetime.datetime):  # this process's clock has just passed a second
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.datetime(2026, 1, 2, 3, 4, 5 + distributed.rank())
+
+train.datetime = Later
+print(f"rank {{distributed.rank()}} run name {{train.run_name(Config(arch='resnet18'))}}", file=sys.stderr)
+""")
+    proc = torchrun(script)
+    assert proc.returncode == 0, proc.stderr_text[-3000:]
+    assert "weights equal True, draws equal [False, False, False]" in proc.stderr_text
+    assert "rank 0 run name resnet18-20260102-030405" in proc.stderr_text
+    assert "rank 1 run name resnet18-20260102-030405" in proc.stderr_text
+
+
+def test_freeze_epochs_under_torchrun_trains_the_head_then_everything(tmp_path):
+    init = tmp_path / "init.pt"
+    torch.save(build_model("resnet18", 10, weights="none").state_dict(), init)
+    proc = torchrun("train.py", "--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "frozen", *TINY,
+                    "--batch-size", 16, "--epochs", 2, "--freeze-epochs", 1, "--weights", init, "--keep-epochs", 2)
+    assert proc.returncode == 0, proc.stderr_text[-3000:]
+    before = torch.load(init, weights_only=True)
+    first, second = (torch.load(tmp_path / "frozen" / f"epoch-00{e}.pt", weights_only=True)["model"] for e in (1, 2))
+    backbone = [k for k in before if not k.startswith("fc.")]
+    assert all(torch.equal(before[k], first[k]) for k in backbone)  # epoch 1: the head alone
+    assert not torch.equal(before["fc.0.weight"], first["fc.0.weight"])
+    assert not torch.equal(first["conv1.weight"], second["conv1.weight"])  # epoch 2: the backbone too

@@ -217,6 +217,19 @@ def test_all_folds_trains_every_fold_on_a_stored_split(fold_runs, small_data):
     assert torch.load(run / "fold1" / "best.pt", weights_only=True)["config"]["fold"] == 1
 
 
+def test_all_folds_overwrite_leaves_no_fold_of_the_earlier_run(fold_runs, small_data, tmp_path, capsys):
+    shutil.copytree(fold_runs[0], tmp_path / "cv")
+    for i in (2, 3):  # an earlier run with more folds: their models would join the ensemble of the folder
+        shutil.copytree(tmp_path / "cv" / "fold1", tmp_path / "cv" / f"fold{i}")
+    argv = ["--data-dir", small_data, "--output-dir", tmp_path, "--run-name", "cv", *TINY, "--head", "linear",
+            "--epochs", 1, "--batch-size", 8, "--folds", 2, "--all-folds", "--overwrite"]
+    code, out, err = run_main(train.main, argv, capsys)
+    assert code == 0, err
+    assert "--overwrite: removed the earlier run's fold0, fold1, fold2, fold3, oof.csv" in out
+    assert sorted(os.listdir(tmp_path / "cv")) == ["fold0", "fold1", "oof.csv"]
+    assert len(pd.read_csv(tmp_path / "cv" / "oof.csv")) == 36
+
+
 def top_probs(path):
     df = pd.read_csv(path, dtype={"image_name": str, "label_1": str, "label_2": str, "label_3": str})
     return {(row.image_name, row[f"label_{j}"]): row[f"prob_{j}"] for _, row in df.iterrows() for j in (1, 2, 3)}
@@ -252,3 +265,10 @@ def test_sweep_eval_size_reports_each_size(fold_runs, small_data, tmp_path, caps
     assert code == 0, err
     assert "eval size 32 (resize 37)" in out and "eval size 40 (resize 46)" in out
     assert "out-of-fold accuracy" in out  # fold runs trained on val/ images: the note says what to trust
+
+
+def test_counting_correct_predictions_leaves_the_sum_on_the_device():
+    """The training step reads its sums once per step; a Python number per micro-batch would sync each time."""
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    assert isinstance(count_correct(logits, torch.tensor([0, 2])), torch.Tensor)
+    assert isinstance(count_correct(logits, torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])), torch.Tensor)

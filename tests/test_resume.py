@@ -14,7 +14,9 @@ import torch
 
 import train
 from conftest import ROOT, SAMPLE, TINY, run_main
-from resume import EpochSampler, keep_epoch_copy, remove_stale_temp_files
+from config import Config
+from model import build_model
+from resume import EpochSampler, keep_epoch_copy, remove_stale_temp_files, restore_training_state, training_state
 
 TIMING_COLUMNS = ["images_per_s", "epoch_seconds"]  # wall-clock measurements: the only columns that may differ
 
@@ -194,6 +196,61 @@ def test_epoch_copies_are_pruned_after_the_new_one_exists(tmp_path):
         keep_epoch_copy(str(tmp_path), epoch, keep=2)
     assert sorted(os.listdir(tmp_path)) == ["epoch-003.pt", "epoch-004.pt", "last.pt"]
     assert (tmp_path / "epoch-003.pt").read_text() == "state 3"
+
+
+def test_epoch_copies_are_pruned_by_epoch_number_not_by_name(tmp_path):
+    (tmp_path / "epoch-999.pt").write_text("state 999")
+    for epoch in (1000, 1001):
+        (tmp_path / "last.pt").write_text(f"state {epoch}")
+        keep_epoch_copy(str(tmp_path), epoch, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-1000.pt", "epoch-1001.pt", "last.pt"]
+
+
+def test_overwrite_leaves_nothing_of_the_earlier_run(trained_run, tmp_path, capsys):
+    run_dir = tmp_path / "again"
+    shutil.copytree(trained_run[0], run_dir)
+    for name in ("epoch-009.pt", "epoch-010.pt"):  # an earlier, longer run's epoch copies outrank a new run's
+        shutil.copy(run_dir / "last.pt", run_dir / name)
+    (run_dir / "oof.csv").write_text("image,label,pred,fold\n")
+    os.makedirs(run_dir / "fold3")
+    shutil.copy(run_dir / "best.pt", run_dir / "fold3" / "best.pt")  # inference.py --checkpoint <run> would take it
+    os.makedirs(run_dir / "tensorboard")
+    (run_dir / "notes.txt").write_text("the user's own file")
+    argv = ["--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "again", *TINY, "--epochs", 1,
+            "--keep-epochs", 1]
+
+    # without --overwrite: refused, whichever run file is there
+    os.remove(run_dir / "last.pt")
+    assert "already holds a run: pass --resume auto to continue it, --overwrite to start it again, or choose another " \
+           "--run-name (it holds best.pt, config.json" in error_line(*run_main(train.main, argv, capsys)[::2])
+
+    # a run that stops before its first save (here: over --max-params) leaves no old checkpoint behind either
+    code, out, err = run_main(train.main, [*argv, "--overwrite", "--max-params", 1], capsys)
+    assert "over --max-params" in error_line(code, err)
+    assert "--overwrite: removed the earlier run's best.pt, config.json" in out and "fold3" in out
+    assert sorted(os.listdir(run_dir)) == ["notes.txt"]
+
+    code, out, err = run_main(train.main, [*argv, "--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(run_dir)) == sorted(["notes.txt", "last.pt", "best.pt", "epoch-001.pt", "config.json",
+                                                  "history.csv", "curves.png", "confusion_matrix.png",
+                                                  "confusion_matrix.csv"])
+    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1]
+
+
+def test_a_run_without_fp16_resumes_on_a_gpu_that_scales_fp16_losses(trained_run):
+    """A CPU or bf16 run saved a disabled grad scaler's empty state; an fp16 run resuming it starts a fresh scale."""
+    ckpt = torch.load(trained_run[0] / "last.pt", weights_only=True)
+    assert ckpt["scaler"] == {}
+    cfg = Config(arch="resnet18", lr=1e-3, epochs=2, head_dropout=ckpt["config"]["head_dropout"])
+    model = build_model("resnet18", 10, weights="none")
+    optimizer = train.build_optimizer(model, cfg)
+    scheduler = train.build_scheduler(optimizer, cfg, 9)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)  # what an fp16 GPU run builds
+    progress = restore_training_state(ckpt, model, train.make_ema(model, 0.999), optimizer, scheduler, scaler)
+    assert progress.epoch == 2 and scaler.get_scale() == 65536.0
+    assert training_state(model, None, optimizer, scheduler, scaler, progress, cfg, ["0"], [1])["scaler"]["scale"] \
+        == 65536.0
 
 
 class NanLoss(train.TrainLoss):

@@ -1,0 +1,18 @@
+"""The user's mistakes as one line, never a traceback: UserError and the wrapper every script's main runs in."""
+import sys
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, never as a traceback."""
+
+
+def run_cli(main):
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
