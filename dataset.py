@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFile, ImageFilter, ImageOps
 from torchvision.transforms import v2
 from torchvision.utils import make_grid
 from tqdm import tqdm
@@ -29,7 +30,27 @@ from utils import run_cli
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+def decodable_extensions():
+    """Every file extension this Pillow reads, lower case with the dot ('.jpg', '.jfif', '.webp', '.tif', '.avif'
+    where it has libavif, ...): those its plugins register, less the formats it can only write (PDF, Palm), the
+    stubs that decode only through a handler the application registers (BUFR, GRIB, HDF5, WMF) and MPEG, of
+    which it reads the header only."""
+    def decodes(fmt):
+        if fmt == "MPO":
+            return True  # registered for writing; MPO files open through the JPEG plugin
+        if fmt not in Image.OPEN or fmt == "MPEG":
+            return False
+        factory = Image.OPEN[fmt][0]
+        return not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+    Image.init()
+    return tuple(sorted({ext.lower() for ext, fmt in Image.registered_extensions().items() if decodes(fmt)}))
+
+
+IMAGE_EXTENSIONS = decodable_extensions()
+# Windows Explorer and macOS (a folder's custom icon) leave these in image folders; like dotfiles, never data
+OS_DROPPINGS = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"}
 
 
 class BadImage(Exception):
@@ -42,9 +63,31 @@ def is_visible(name):
     return not name.startswith(".")  # .DS_Store, AppleDouble ._x.jpg, editor droppings
 
 
+def list_files(folder):
+    """(images, others) of one folder: the sorted paths of the files with an extension this Pillow reads (in any
+    case), and the sorted names of every other entry (a folder with a trailing '/'), dotfiles and OS droppings
+    left out."""
+    images, others = [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not is_visible(entry.name) or entry.name.lower() in OS_DROPPINGS:
+            continue
+        if entry.is_dir():
+            others.append(entry.name + "/")
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            images.append(os.path.join(folder, entry.name))
+        else:
+            others.append(entry.name)
+    return images, others
+
+
 def list_images(folder):
-    names = sorted(n for n in os.listdir(folder) if is_visible(n) and n.lower().endswith(IMAGE_EXTENSIONS))
-    return [os.path.join(folder, n) for n in names]
+    return list_files(folder)[0]
+
+
+def not_images_note(names, n=5):
+    """'2 file(s) that are not images by their extension: notes.txt, x.heic', naming the first n."""
+    listed = ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+    return f"{len(names)} file(s) that are not images by their extension: {listed}"
 
 
 def sort_class_names(names):
@@ -63,30 +106,90 @@ def find_classes(folder):
     return sort_class_names(names)
 
 
-def to_rgb(img):
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: PIL's convert('RGB') would clip everything above 255 to white
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray((arr * (255.0 / peak)).round().clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+def declared_peak(img):
+    """The largest value an integer grey image's samples can hold by what its file says, None when it says nothing
+    narrower than 32 bits. Read it from a file before the pixels are decoded: decoding empties img.tile."""
+    if img.mode.startswith("I;16"):
+        return 65535
+    if img.mode != "I":
+        return None
+    if img.format == "PPM":
+        return 65535  # PIL reads a PGM of any maxval above 255 as 0..65535
+    for tile in getattr(img, "tile", ()):  # the decoder's raw mode names the stored layout: 'I;16B', 'I;16S' ...
+        args = tile[3]
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        match = re.fullmatch(r"I;(8|16)[BLN]?(S?)", rawmode) if isinstance(rawmode, str) else None
+        if match:  # a signed TIFF ('I;16S') holds 0..32767 above zero
+            return 2 ** (int(match[1]) - bool(match[2])) - 1
+    return None
+
+
+def grey_to_l(img, peak=None):
+    """8-bit grey from an integer (I, I;16*) or float (F) image: 0..peak maps to 0..255, negatives and NaN are
+    black. The peak is what the file says (`peak`: 65535 for I;16* modes, 16-bit PNG and PGM, 32767 for a signed
+    16-bit TIFF) whatever the values; where it says nothing (32-bit integers, floats) it is the largest value rounded
+    up to 1 (floats only), 255 or 65535, or the largest value itself beyond 65535."""
+    arr = np.asarray(img).astype(np.float32)
+    if peak is None:
+        finite = arr[np.isfinite(arr)]
+        top = float(finite.max()) if finite.size else 0.0
+        steps = (1.0, 255.0, 65535.0) if img.mode == "F" else (255.0, 65535.0)
+        peak = next((step for step in steps if top <= step), top)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=peak, neginf=0.0)
+    return Image.fromarray((arr * (255.0 / peak)).round().clip(0, 255).astype(np.uint8))
+
+
+def lab_to_srgb(img):
+    """CIELAB (D50, as ICC profiles take it) to sRGB through littlecms. PIL's own LAB-to-RGB conversion takes the
+    same route since Pillow 9.4, but a Pillow built without littlecms raises ImportError there: here that is an
+    OSError, which load_rgb names as an unreadable image."""
+    from PIL import ImageCms
+    try:
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                            "LAB", "RGB")
+    except ImportError as e:
+        raise OSError(f"LAB colour needs PIL's littlecms support (PIL.ImageCms), which this Pillow lacks: {e}") \
+            from None
+    return ImageCms.applyTransform(img, transform)
+
+
+def has_alpha(img):
+    """Whether some pixels may be see-through: an alpha band (straight or premultiplied), a transparent colour or
+    palette entry, or a palette with alpha."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        return True
+    return img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+
+
+def to_rgb(img, peak=None):
+    """Any PIL image as RGB: integer and float grey scaled by their range (grey_to_l, `peak` as the file declares
+    it), LAB through littlecms, see-through pixels composited on white; other modes (1, L, P, CMYK, YCbCr, HSV,
+    RGBX) by PIL's conversion."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        # PIL's convert('RGB') clips every value above 255 to white; an I;16 image says its range in its mode
+        img = grey_to_l(img, peak or declared_peak(img))
+    elif img.mode == "LAB":
+        img = lab_to_srgb(img)
+    if has_alpha(img):
         # composite on white rather than letting transparent pixels keep whatever colour they had
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
+        if img.mode == "La":
+            img = img.convert("LA")  # PIL converts premultiplied grey to straight alpha only
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")
 
 
 def load_rgb(path, draft_size=None):
-    """Decode any common image file into an RGB PIL image, upright as its EXIF says; BadImage if unreadable."""
+    """Decode any image file this Pillow reads into an RGB PIL image, upright as its EXIF says (to_rgb says how
+    each pixel mode is converted); BadImage if unreadable."""
     try:
         with warnings.catch_warnings(), Image.open(path) as img:
             # a large image under the hard limit decodes fine: no DecompressionBombWarning per epoch
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))  # JPEG DCT scaling: decode at >= draft_size, faster
+            peak = declared_peak(img)
             img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(img, peak)
     except Image.DecompressionBombError:
         raise BadImage(path, f"image too large: over PIL's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS} "
                              "pixels (shrink the file, or remove it)") from None
@@ -142,11 +245,13 @@ class LabelledImages(torch.utils.data.Dataset):
     def __init__(self, root, classes, transform, draft_size=None, cache=None):
         self.root, self.classes, self.transform, self.draft_size = root, list(classes), transform, draft_size
         self.cache = cache
-        self.samples = []
+        self.samples, self.not_images = [], []  # not_images: '<class>/<name>' of the files that are left out
         for index, name in enumerate(self.classes):
             folder = os.path.join(root, name)
             if os.path.isdir(folder):
-                self.samples += [(path, index) for path in list_images(folder)]
+                images, others = list_files(folder)
+                self.samples += [(path, index) for path in images]
+                self.not_images += [f"{name}/{other}" for other in others]
         if not self.samples:
             raise UserError(f"{root} holds no images (expected {root}/<class>/<image>)")
         self.targets = [t for _, t in self.samples]
@@ -199,9 +304,12 @@ class FlatImages(torch.utils.data.Dataset):
     def __init__(self, folder, transform, draft_size=None):
         if not os.path.isdir(folder):
             raise UserError(f"no such test folder: {folder}")
-        self.paths = list_images(folder)
+        self.paths, others = list_files(folder)
+        if others:  # each test file must get its row in prediction.csv, or be named here
+            raise UserError(f"{folder} holds {not_images_note(others)}; move them out")
         if not self.paths:
-            raise UserError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise UserError(f"{folder} holds no images (no file with an extension this Pillow reads, such as .jpg, "
+                            ".png, .webp or .tif)")
         names = [os.path.splitext(os.path.basename(p))[0] for p in self.paths]
         dupes = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
         if dupes:
@@ -606,6 +714,9 @@ def build_train_val(cfg):
     train = LabelledImages(train_dir, classes, train_transform(cfg), cache=cache)
     val = LabelledImages(val_dir, classes, eval_transform(eval_crop(cfg), cfg.eval_crop_ratio), draft_size=draft,
                          cache=cache)
+    for split in (train, val):
+        if split.not_images:
+            print(f"warning: {split.root} holds {not_images_note(split.not_images)}; skipped")
     empty = [c for c, n in zip(classes, train.class_counts()) if n == 0]
     if empty:
         warnings.warn(f"{len(empty)} class folder(s) of {train_dir} hold no images: {', '.join(empty[:5])}")

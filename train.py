@@ -28,9 +28,8 @@ from tqdm import tqdm
 
 import distributed
 from config import Config, add_config_args, check_config, config_from_args
-from dataset import (BatchAugment, build_train_val, check_images, center_crop, eval_crop, list_images,
-                     loader_options,
-                     to_float_batch)
+from dataset import (BatchAugment, build_train_val, check_images, center_crop, eval_crop, list_files,
+                     loader_options, not_images_note, to_float_batch)
 from finetune import backbone_frozen, param_groups, reported_lr, set_backbone_frozen
 from folds import fold_datasets, run_all_folds, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
@@ -455,7 +454,9 @@ def check_data(cfg):
           f"{len(bad)} unreadable (at most {cfg.max_bad_frac:g} allowed)")
     test_dir = os.path.join(cfg.data_dir, "test")
     if os.path.isdir(test_dir):
-        tests = list_images(test_dir)
+        tests, others = list_files(test_dir)
+        if others:
+            print(f"warning: {test_dir} holds {not_images_note(others)}; inference.py stops on them: move them out")
         bad_tests = check_images(tests, default_workers(cfg.workers), desc="checking test images")
         for message in sorted(bad_tests.values()):
             print(f"warning: unreadable test image {message}")

@@ -175,3 +175,42 @@ def test_a_checkpoint_of_another_arch_or_class_list(hostile_run, tmp_path, capsy
     assert not torch.equal(other.fc[-1].weight, theirs["fc.12.weight"])
     out = capsys.readouterr().out
     assert "head was trained on other classes (5 classes: 0, 1, 2, 3, 4 vs 5 classes: a, b, c, d, e)" in out
+
+
+def test_inference_predicts_every_extension_pil_reads_and_names_other_files(hostile_run, tmp_path, capsys):
+    folder = tmp_path / "test"
+    os.makedirs(folder)
+    files = {"a.jfif": "JPEG", "b.JPG": "JPEG", "c.webp": "WEBP", "d.tif": "TIFF"}
+    if ".avif" in Image.registered_extensions():  # test_dataset checks that a .avif is named where it is not
+        files["e.avif"] = "AVIF"
+    for name, fmt in files.items():
+        pattern().save(folder / name, format=fmt)
+    Image.fromarray(np.linspace(0, 1, 1200, dtype=np.float32).reshape(30, 40)).save(folder / "float.tiff")
+    args = ["--checkpoint", hostile_run[0] / "best.pt", "--test-dir", folder, "--workers", 0]
+    code, out, err = run_main(inference.main, [*args, "--output", tmp_path / "p.csv"], capsys)
+    assert code == 0, err
+    names = sorted(os.path.splitext(n)[0] for n in [*files, "float.tiff"])
+    assert sorted(pd.read_csv(tmp_path / "p.csv", dtype=str)["image_name"]) == names
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "Thumbs.db").write_bytes(b"\x00")  # Windows' thumbnail cache: ignored
+    code, _, err = run_main(inference.main, [*args, "--output", tmp_path / "q.csv"], capsys)
+    assert error_line(code, err) == (f"error: {folder} holds 1 file(s) that are not images by their extension: "
+                                     "notes.txt; move them out")
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_check_data_names_non_images_in_every_folder(tmp_path, capsys):
+    for folder in ("train/0", "train/1", "val/0", "val/1", "test"):
+        os.makedirs(tmp_path / folder)
+        pattern().save(tmp_path / folder / "a.png")
+    (tmp_path / "train" / "1" / "labels.csv").write_text("x")
+    (tmp_path / "test" / "notes.txt").write_text("x")
+    (tmp_path / "test" / "desktop.ini").write_text("x")  # Windows' folder settings: ignored
+    code, out, err = run_main(train.main, ["--data-dir", tmp_path, "--check-data", "--workers", 0], capsys)
+    assert code == 0, err
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path / 'train'} holds 1 file(s) that are not images by their extension: 1/labels.csv; skipped",
+        f"warning: {tmp_path / 'test'} holds 1 file(s) that are not images by their extension: notes.txt; "
+        "inference.py stops on them: move them out"]
+    assert "2 classes, 2 train / 2 val readable images" in out and "1 test images readable" in out
