@@ -80,10 +80,6 @@ def list_files(folder):
     return images, others
 
 
-def list_images(folder):
-    return list_files(folder)[0]
-
-
 def not_images_note(names, n=5):
     """'2 file(s) that are not images by their extension: notes.txt, x.heic', naming the first n."""
     listed = ", ".join(names[:n]) + (", ..." if len(names) > n else "")
