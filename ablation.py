@@ -24,8 +24,8 @@ import inference
 import train
 from config import Config
 from scripts.score import read_csv, score
-from model import UserError
-from utils import draw_confusion, markdown_table, pyplot, run_cli, save_figure
+from errors import UserError, run_cli
+from plots import draw_confusion, markdown_table, pyplot, save_figure
 
 DEFAULT_GRID = ["ema=on,off", "loss=schedule,ce"]
 RESERVED = {"seed", "output_dir", "run_name"}  # set by ablation.py itself for every run

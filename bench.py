@@ -24,15 +24,17 @@ from torchvision.transforms import v2
 
 import train
 from config import Config
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, BatchAugment, LabelledImages, build_train_val, center_crop,
-                     collate_skipping_bad, eval_sizes, eval_transform, loader_options, to_float_batch,
-                     train_transform)
+from augment import BatchAugment, train_transform
+from dataset import (IMAGENET_MEAN, IMAGENET_STD, LabelledImages, build_train_val, collate_skipping_bad, eval_sizes,
+                     eval_transform, loader_options, to_float_batch)
+from errors import run_cli
 from inference import TTA_MODES, predict_probs
 from losses import TrainLoss
 from model import build_model
+from plots import confusion_counts, pyplot, save_figure
 from resume import GracefulStop, Progress
-from utils import (amp_dtype, autocast, confusion_counts, default_workers, pick_device, pyplot, run_cli, save_figure,
-                   seed_everything)
+from run import Run
+from runtime import amp_dtype, autocast, default_workers, pick_device, seed_everything
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, for the MFU column
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -199,15 +201,15 @@ def make_step(arch, cfg, device, seed_style):
     train.setup_backends(cfg, device)
     model = train.prepare_model(model, cfg, device)
     dtype = amp_dtype(cfg, device)
-    optimizer = train.build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    run = Run(cfg=cfg, model=model, device=device, dtype=dtype, optimizer=train.build_optimizer(model, cfg),
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), criterion=criterion)
     augment = BatchAugment.from_config(cfg)
     micro = cfg.batch_size // cfg.accum_steps
     batches = [(images[i:i + micro].pin_memory() if device.type == "cuda" else images[i:i + micro],
                 targets[i:i + micro]) for i in range(0, cfg.batch_size, micro)]
 
     def step():
-        train.train_step(model, batches, criterion, optimizer, scaler, 0, device, dtype, cfg, augment)
+        train.train_step(run, batches, epoch=0, augment=augment)
     return step, model, dtype
 
 
@@ -297,13 +299,14 @@ def our_epoch(cfg, data_dir, device):
     dtype = amp_dtype(cfg, device)
     train_loader, val_loader, _ = train.make_loaders(cfg, train_set, val_set, device)
     optimizer = train.build_optimizer(model, cfg)
-    scheduler = train.build_scheduler(optimizer, cfg, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     progress = Progress()
     with tempfile.TemporaryDirectory() as run_dir, GracefulStop() as stop:
-        train.train_one_epoch(model, train_loader, TrainLoss(cfg, None), optimizer, scheduler, scaler, None, 0, cfg,
-                              device, dtype, progress, stop, lambda: None, run_dir)
-    train.evaluate(model, val_loader, device, dtype, cfg.img_size, channels_last=cfg.channels_last)
+        run = Run(cfg=cfg, model=model, device=device, dtype=dtype, optimizer=optimizer,
+                  scheduler=train.build_scheduler(optimizer, cfg, len(train_loader)),
+                  scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                  criterion=TrainLoss(cfg, None), run_dir=run_dir)  # save_every_steps 0: no checkpoint written
+        train.train_one_epoch(run, train_loader, epoch=0, progress=progress, stop=stop)
+    train.evaluate(model, val_loader, run)
     return progress.seen
 
 
@@ -345,7 +348,7 @@ def inference_rates(cfg, data_dir, device):
 # ---------------------------------------------------------------- main
 
 def print_table(rows):
-    print(f"\n| part | setting | ours | seed style | ratio |\n| --- | --- | ---: | ---: | ---: |")
+    print("\n| part | setting | ours | seed style | ratio |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         extra = "".join(f", {k} {v}" for k, v in r.items()
                         if k not in ("part", "setting", "ours", "seed", "ratio", "unit"))

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from errors import UserError
 
 
-def opt(default, help, choices=None, group="training", flag=None, nargs=None, type=None):
-    meta = dict(help=help, choices=choices, group=group, flag=flag, nargs=nargs, type=type)
+def opt(default, help, **options):
+    """A Config field with its --help text; options: choices, group (default "training"), flag (the option
+    string, default --field-name), nargs, type."""
+    meta = dict(dict(choices=None, group="training", flag=None, nargs=None, type=None), help=help, **options)
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import UserError
+from errors import UserError
 
 
 def launched():

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from model import UserError
+from errors import UserError
 
 
 def check_fold_args(cfg):

@@ -13,6 +13,7 @@ averaged; they must share the class list. Under torchrun every process predicts 
 images, and the first one gathers them and writes the same files as a single process would.
 """
 import argparse
+import collections
 import dataclasses
 import glob
 import os
@@ -27,11 +28,17 @@ import distributed
 from config import config_from_dict
 from dataset import FlatImages, LabelledImages, center_crop, eval_crop, eval_transform, eval_sizes, find_classes, \
     loader_options, to_float_batch
-from model import UserError, build_model, short_list
-from report import write_report
-from utils import amp_dtype, autocast, default_workers, load_checkpoint, pick_device, run_cli
+from checkpoint import load_checkpoint, select_weights
+from errors import UserError, run_cli
+from model import build_model, short_list
+from report import Labelled, write_report
+from runtime import amp_dtype, autocast, default_workers, pick_device
 
 TTA_MODES = ["none", "flip", "flip-crops"]
+
+# one checkpoint of the ensemble, ready to predict: its model (on the device, in eval mode), its config with the
+# test-time sizes, which weights it holds ("raw" or "ema"), its file and its number of classes
+Member = collections.namedtuple("Member", "model cfg source path num_classes")
 
 
 def parse_args(argv=None):
@@ -89,16 +96,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- model
 
-def select_weights(ckpt, which, path):
-    """The state_dict asked for: best.pt carries raw and EMA weights, last.pt the raw ones and the EMA."""
-    if which == "best":
-        return ckpt["model"], ckpt.get("source", "raw")
-    if which == "ema":
-        if ckpt.get("ema") is None:
-            raise UserError(f"{path} holds no EMA weights (trained with --no-ema); use --weights raw")
-        return ckpt["ema"], "ema"
-    return ckpt.get("raw", ckpt["model"]), "raw"
-
 
 def checkpoint_files(paths):
     """The files named, with a folder standing for every best.pt below it (sorted: fold0, fold1, ...)."""
@@ -146,7 +143,7 @@ def load_members(args, device):
                             "ensembled")
         cfg = dataclasses.replace(cfg, eval_size=args.eval_size or eval_crop(cfg),
                                   eval_crop_ratio=args.eval_crop_ratio or cfg.eval_crop_ratio)
-        members.append((model, cfg, source, path))
+        members.append(Member(model, cfg, source, path, len(own_classes)))
         priors.append(prior)
     return members, classes, np.mean(priors, axis=0)
 
@@ -180,16 +177,17 @@ def predict_probs(model, images, device, img_size, mode, dtype=None):
     return probs.mean(0).cpu()
 
 
-def run_loader(model, loader, device, img_size, mode, desc, num_classes, dtype=None, skip_bad=False):
-    """Probabilities for every readable image of a loader, the second field of its batches (names or targets),
-    and the messages of the unreadable images (an error unless skip_bad)."""
-    probs, keys, bad = [torch.empty(0, num_classes)], [], []
+def run_loader(member, loader, mode, desc, device, skip_bad=False):
+    """A member's probabilities for every readable image of a loader, the second field of its batches (names or
+    targets), and the messages of the unreadable images (an error unless skip_bad)."""
+    crop, dtype = eval_crop(member.cfg), amp_dtype(member.cfg, device)
+    probs, keys, bad = [torch.empty(0, member.num_classes)], [], []
     for images, second, bad_files in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not distributed.is_main()):
         if bad_files and not skip_bad and not distributed.active():  # under torchrun: once the shards are gathered
             unreadable(bad_files)
         bad += bad_files
         if len(images):
-            probs.append(predict_probs(model, images, device, img_size, mode, dtype))
+            probs.append(predict_probs(member.model, images, device, crop, mode, dtype))
             keys += list(second.tolist() if torch.is_tensor(second) else second)
     # each process predicted its own share: gathered back in dataset order
     shards = distributed.gather((torch.cat(probs).numpy(), keys, bad))
@@ -213,20 +211,19 @@ def make_loader(dataset, batch_size, workers, device):
                                        **loader_options(default_workers(workers), device))
 
 
-def ensemble_probs(members, make_dataset, args, device, mode, desc, num_classes):
+def ensemble_probs(members, make_dataset, args, device, mode, desc):
     """The mean over the members of their TTA-averaged softmax; each member sees the images at its own sizes.
 
     make_dataset(transform, draft_size) builds the folder's dataset; its order is fixed, so rows line up.
     Returns the probabilities, the keys of the readable images and the messages of the unreadable ones.
     """
     total, keys, bad = 0.0, None, []
-    for i, (model, cfg, _, _) in enumerate(members):
-        crop = eval_crop(cfg)
-        dataset = make_dataset(eval_transform(crop, cfg.eval_crop_ratio), eval_sizes(crop, cfg.eval_crop_ratio)[0])
+    for i, member in enumerate(members):
+        crop, ratio = eval_crop(member.cfg), member.cfg.eval_crop_ratio
+        dataset = make_dataset(eval_transform(crop, ratio), eval_sizes(crop, ratio)[0])
         label = desc if len(members) == 1 else f"{desc} {i + 1}/{len(members)}"
         loader = make_loader(dataset, args.batch_size, args.workers, device)
-        probs, keys, bad = run_loader(model, loader, device, crop, mode, label, num_classes, amp_dtype(cfg, device),
-                                      args.skip_bad)
+        probs, keys, bad = run_loader(member, loader, mode, label, device, args.skip_bad)
         total = total + probs
     return total / len(members), keys, bad
 
@@ -254,7 +251,7 @@ def write_topk(names, probs, classes, k, path):
 def val_probs(members, classes, val_dir, args, device, mode):
     def make_dataset(transform, draft):
         return LabelledImages(val_dir, classes, transform, draft_size=draft)
-    return ensemble_probs(members, make_dataset, args, device, mode, f"val ({mode})", len(classes))
+    return ensemble_probs(members, make_dataset, args, device, mode, f"val ({mode})")
 
 
 def val_accuracy(members, classes, val_dir, args, device, mode):
@@ -273,10 +270,10 @@ def model_report(members, classes, val_dir, args, device):
     paths = [path for path, _ in LabelledImages(val_dir, classes, None).samples
              if not any(m.startswith(path + ": ") for m in bad)]
     out = args.report or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint[0])), "report")
-    _, cfg, source, path = members[0]
-    title = f"{path} ({cfg.arch}, {source} weights)" if len(members) == 1 else f"ensemble of {len(members)} models"
+    first = members[0]
+    title = f"{first.path} ({first.cfg.arch}, {first.source} weights)" if len(members) == 1 else f"ensemble of {len(members)} models"
     if distributed.is_main():
-        write_report(out, probs_by_mode, targets, paths, classes, args.tta, f"{title} on {val_dir}")
+        write_report(out, probs_by_mode, Labelled(paths, targets, classes), args.tta, f"{title} on {val_dir}")
     print(f"wrote the model report to {out}/ (report.md, per_class.csv, confused_pairs.csv, tta.csv, "
           "misclassified.png, reliability.png)")
 
@@ -286,7 +283,7 @@ def validate(members, classes, val_dir, args, device):
     if unknown:
         raise UserError(f"{val_dir} has class folders the checkpoint does not know ({short_list(unknown)}); "
                         f"it was trained on {short_list(classes)}")
-    if any(cfg.folds for _, cfg, _, _ in members):
+    if any(m.cfg.folds for m in members):
         print("note: cross-validation runs trained on part of val/, so this accuracy is optimistic; the out-of-fold "
               "accuracy printed by train.py --all-folds is the fair estimate")
     if args.report is not None:
@@ -297,9 +294,9 @@ def validate(members, classes, val_dir, args, device):
     # a ResNet pools globally, so it runs at any size; trained on small random crops it often scores best on
     # larger test crops (Touvron et al. 2019, "Fixing the train-test resolution discrepancy")
     for size in args.sweep_eval_size:
-        at_size = [(m, dataclasses.replace(cfg, eval_size=size), s, p) for m, cfg, s, p in members]
+        at_size = [m._replace(cfg=dataclasses.replace(m.cfg, eval_size=size)) for m in members]
         acc, n = val_accuracy(at_size, classes, val_dir, args, device, args.tta)
-        resize, _ = eval_sizes(size, at_size[0][1].eval_crop_ratio)
+        resize, _ = eval_sizes(size, at_size[0].cfg.eval_crop_ratio)
         print(f"val accuracy at eval size {size} (resize {resize}), TTA {args.tta}: {acc:.4f} ({n} images)")
 
 
@@ -307,7 +304,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = distributed.setup(pick_device(args.device))
     members, classes, prior = load_members(args, device)
-    for _, cfg, source, path in members:
+    for _, cfg, source, path, _ in members:
         print(f"{path}: {cfg.arch} ({source} weights), eval size {eval_crop(cfg)}, crop ratio {cfg.eval_crop_ratio:g}")
     print(f"{len(members)} model(s), {len(classes)} classes, TTA {args.tta}, device {device}")
     if args.val_dir:
@@ -320,7 +317,7 @@ def main(argv=None):
 
     def test_images(transform, draft):
         return FlatImages(test_dir, transform, draft_size=draft)
-    probs, names, bad = ensemble_probs(members, test_images, args, device, args.tta, "test", len(classes))
+    probs, names, bad = ensemble_probs(members, test_images, args, device, args.tta, "test")
     if not distributed.is_main():  # the first process writes the files
         return 0
     if bad:  # every test file keeps its row: the unreadable ones get the training prior, i.e. the commonest class

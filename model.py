@@ -11,6 +11,9 @@ import torch
 from torch import nn
 from torchvision import models
 
+from torch.optim.swa_utils import AveragedModel
+
+from checkpoint import read_state_dict
 from errors import UserError
 
 ARCHS = [
@@ -64,22 +67,6 @@ def load_pretrained(backbone, arch, name):
         raise UserError(f"could not load {arch} {weights.name} weights ({type(e).__name__}: {e}); put the file at "
                         f"{cache}, or pass --weights FILE or --weights none") from None
     backbone.load_state_dict(state)
-
-
-def read_state_dict(path):
-    """(state_dict, info) from a torchvision-format file or one of our checkpoints (its 'model' entry); info holds
-    the checkpoint's arch and class names when it is one of ours."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
-    info = {}
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        info = {"arch": (obj.get("config") or {}).get("arch"), "classes": obj.get("classes")}
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path} holds no state_dict of tensors")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}, info
 
 
 def load_weights_file(model, path, arch, classes=None):
@@ -177,3 +164,14 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def unwrap(model):
+    """The plain module under DDP, torch.compile or AveragedModel wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, AveragedModel)):
+            model = model.module
+        else:
+            return model

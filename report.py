@@ -7,13 +7,14 @@ frequent true -> predicted mistakes), tta.csv (accuracy per test-time augmentati
 misclassified.png (the most confident mistakes) and reliability.png (calibration, with the expected calibration
 error). Everything is computed from the softmax probabilities of the chosen TTA mode.
 """
+import collections
 import os
 
 import numpy as np
 import pandas as pd
 
 from dataset import load_rgb
-from utils import confusion_counts, markdown_table, pyplot, save_figure
+from plots import confusion_counts, markdown_table, pyplot, save_figure
 
 TOP_PAIRS = 20
 CALIBRATION_BINS = 15
@@ -73,8 +74,14 @@ def plot_reliability(table, ece, path):
     save_figure(fig, path)
 
 
-def plot_misclassified(paths, targets, probs, classes, path, count=24, columns=6):
+# a labelled folder as the report sees it: image paths, their class indices, the class names
+Labelled = collections.namedtuple("Labelled", "paths targets classes")
+
+
+def plot_misclassified(labelled, probs, path, count=24):
     """The most confident mistakes first: each image with its true label, the prediction and its probability."""
+    paths, targets, classes = labelled
+    columns = 6
     plt = pyplot()
     preds, confidence = probs.argmax(1), probs.max(1)
     wrong = np.flatnonzero(preds != np.asarray(targets))
@@ -96,10 +103,11 @@ def plot_misclassified(paths, targets, probs, classes, path, count=24, columns=6
     save_figure(fig, path)
 
 
-def write_report(out_dir, probs_by_mode, targets, paths, classes, mode, title):
-    """All report files from the probabilities of every evaluated TTA mode; `mode` is the one analysed."""
+def write_report(out_dir, probs_by_mode, labelled, mode, title):
+    """All report files from the probabilities of every evaluated TTA mode on a Labelled folder; `mode` is the one
+    analysed."""
     os.makedirs(out_dir, exist_ok=True)
-    targets = np.asarray(targets)
+    targets, classes = np.asarray(labelled.targets), labelled.classes
     probs = probs_by_mode[mode]
     preds = probs.argmax(1)
     per_class = per_class_table(targets, preds, classes)
@@ -110,7 +118,7 @@ def write_report(out_dir, probs_by_mode, targets, paths, classes, mode, title):
     per_class.to_csv(os.path.join(out_dir, "per_class.csv"), index=False, float_format="%.6g")
     pairs.to_csv(os.path.join(out_dir, "confused_pairs.csv"), index=False, float_format="%.6g")
     tta.to_csv(os.path.join(out_dir, "tta.csv"), index=False, float_format="%.6g")
-    plot_misclassified(paths, targets, probs, classes, os.path.join(out_dir, "misclassified.png"))
+    plot_misclassified(labelled, probs, os.path.join(out_dir, "misclassified.png"))
     plot_reliability(table, ece, os.path.join(out_dir, "reliability.png"))
 
     accuracy = float((preds == targets).mean())

@@ -8,7 +8,6 @@ import dataclasses
 import glob
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -16,13 +15,11 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-import distributed
 from config import Config, config_from_dict
-from model import UserError
-from utils import load_checkpoint, unwrap
+from errors import UserError
+from runtime import restore_rng
 
 # settings a resumed run may change freely: where things are and how fast they go, not what is computed
 FREE_ON_RESUME = {"data_dir", "output_dir", "run_name", "workers", "device", "weights", "save_every_steps",
@@ -94,89 +91,21 @@ class EpochSampler(torch.utils.data.Sampler):
 
 # ---------------------------------------------------------------- random number generators
 
-def rng_state():
-    """Every global generator, as plain types and tensors (weights_only loading accepts them)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def seed_rank_streams(seed, salt=0):
-    """Give each torchrun process a random stream of its own for the work drawn in the training loop (dropout,
-    random erasing, the device-side colour draws, the mixing coin): with one shared stream, image j of every
-    process's batch would get the same jitter, box and mask. The model is built before this, from --seed alone, so
-    every process starts from the same weights. Rank 0 keeps the stream of --seed: one process trains as before."""
-    rank = distributed.rank()
-    if rank == 0:
-        return
-    derived = int(np.random.SeedSequence([seed, rank, salt]).generate_state(1, np.uint64)[0] >> 1)
-    random.seed(derived)
-    np.random.seed(derived % 2**32)
-    torch.manual_seed(derived)  # seeds CUDA too
-
-
-def rank_rng_states():
-    """Every process's rng_state(), in rank order (called by all processes together), or None in a single one."""
-    return distributed.gather(rng_state()) if distributed.active() else None
-
-
-def restore_rng(ckpt):
-    """Set this process's generators to where the saved run left them. Resumed with another number of processes
-    (or from a checkpoint without per-process states) the other ranks draw fresh streams of their own, since the old
-    ones no longer map onto the new processes."""
-    ranks = ckpt.get("rng_ranks")
-    if ranks and len(ranks) == distributed.world_size():
-        set_rng_state(ranks[distributed.rank()])
-        return
-    set_rng_state(ckpt["rng"])
-    seed_rank_streams(ckpt["config"].get("seed", 0), salt=1 + ckpt["progress"].get("done", 0))
-
-
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 # ---------------------------------------------------------------- the training state
 
-def training_state(model, ema, optimizer, scheduler, scaler, progress, cfg, classes, class_counts):
-    """Everything a resumed run needs, in one dict of tensors and plain types."""
-    return {
-        "model": unwrap(model).state_dict(),
-        "ema": unwrap(ema).state_dict() if ema is not None else None,
-        "ema_updates": int(ema.n_averaged) if ema is not None else 0,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "progress": dataclasses.asdict(progress),
-        "rng": rng_state(),
-        "epoch": progress.epoch,  # epochs completed when step is 0
-        "classes": list(classes),
-        "class_counts": [int(n) for n in class_counts],
-        "config": dataclasses.asdict(cfg),
-        "torch_version": str(torch.__version__),
-    }
 
-
-def restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, replay_steps=None):
-    """Load a training_state() into freshly built objects and return its Progress.
+def restore_training_state(ckpt, run, replay_steps=None):
+    """Load a last.pt (checkpoint.training_checkpoint) into a freshly built run.Run and return its Progress.
 
     replay_steps: the schedule changed on resume (--allow-schedule-change): instead of loading the old scheduler,
     step the new one that many times, and keep the new optimiser hyper-parameters (lr, weight decay).
     """
-    unwrap(model).load_state_dict(ckpt["model"])
-    if ema is not None:
-        unwrap(ema).load_state_dict(ckpt["ema"])
-        ema.n_averaged.fill_(ckpt["ema_updates"])
+    run.plain.load_state_dict(ckpt["model"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(ckpt["ema"])
+        run.ema.n_averaged.fill_(ckpt["ema_updates"])
+    optimizer, scheduler = run.optimizer, run.scheduler
     if replay_steps is None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -189,7 +118,7 @@ def restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, repla
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, new in zip(optimizer.param_groups, settings):
             group.update(new)
-    restore_scaler(scaler, ckpt["scaler"])
+    restore_scaler(run.scaler, ckpt["scaler"])
     restore_rng(ckpt)  # last: building the objects above drew random numbers
     return Progress(**ckpt["progress"])
 
@@ -213,14 +142,6 @@ def resume_path(resume, run_dir):
     if not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such checkpoint")
     return resume
-
-
-def load_resumable(path):
-    ckpt = load_checkpoint(path)
-    if "progress" not in ckpt or "optimizer" not in ckpt:
-        raise UserError(f"{path} is not a resumable checkpoint (best.pt holds weights only): resume from the run's "
-                        "last.pt, or start a new run with --weights " + path)
-    return ckpt
 
 
 def resumed_config(saved, given, allow_schedule_change):

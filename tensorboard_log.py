@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from dataset import preview_grid
-from model import UserError
+from errors import UserError
 
 # history columns grouped into TensorBoard sections; any other numeric column lands in "other/"
 SECTIONS = {"loss": ["train_loss", "val_loss", "val_loss_ema"], "accuracy": ["train_acc", "val_acc", "val_acc_ema"],

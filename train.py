@@ -12,6 +12,7 @@ Writes checkpoints/<run>/: last.pt, best.pt, config.json, history.csv, curves.pn
 SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves last.pt and prints the command that resumes the run.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -27,22 +28,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
+from checkpoint import best_checkpoint, load_resumable, save_atomic, training_checkpoint
 from config import Config, add_config_args, check_config, config_from_args
-from dataset import (BatchAugment, build_train_val, check_images, center_crop, eval_crop, list_files,
-                     loader_options, not_images_note, to_float_batch)
+from dataset import (build_train_val, check_images, center_crop, eval_crop, list_files, loader_options,
+                     not_images_note, to_float_batch)
+from augment import BatchAugment
+from ema import make_ema
+from errors import UserError, run_cli
 from finetune import backbone_frozen, param_groups, reported_lr, set_backbone_frozen
 from folds import fold_datasets, run_all_folds, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
 from mix import build_mixer, count_correct
-from model import UserError, build_model, count_params, short_list
-from resume import (EpochSampler, GracefulStop, Progress, clear_run, keep_epoch_copy, load_resumable, rank_rng_states,
-                    remove_stale_temp_files, restore_training_state, resume_path, resumed_config, run_files,
-                    seed_rank_streams, training_state)
+from model import build_model, count_params, short_list, unwrap
+from plots import plot_confusion, plot_curves
+from resume import (EpochSampler, GracefulStop, Progress, clear_run, keep_epoch_copy, remove_stale_temp_files,
+                    restore_training_state, resume_path, resumed_config, run_files)
+from run import Run
+from runtime import (amp_dtype, autocast, default_workers, pick_device, rank_rng_states, seed_everything,
+                     seed_rank_streams, seed_worker)
 from tensorboard_log import Board
-from utils import (amp_dtype, autocast, default_workers, make_ema, pick_device, plot_confusion, plot_curves, run_cli,
-                   save_atomic, seed_everything, seed_worker, unwrap)
 
 NONFINITE_LIMIT = 5  # non-finite losses in a row that stop the run
+
+# the training loader, the validation loader (this process's shard of val) and the epoch order behind the first
+Loaders = collections.namedtuple("Loaders", "train val sampler")
 
 
 def build_parser():
@@ -94,7 +103,7 @@ def make_loaders(cfg, train_set, val_set, device):
     # exact evaluation: disjoint contiguous shards, no padding; evaluate() gathers them back in order
     val_shard = torch.utils.data.Subset(val_set, distributed.shard(len(val_set)))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=micro * 2, shuffle=False, **common)
-    return train_loader, val_loader, sampler
+    return Loaders(train_loader, val_loader, sampler)
 
 
 def micro_batch_size(cfg):
@@ -243,14 +252,16 @@ def check_resume_data(ckpt, classes, train_images, allow_change):
 
 # ---------------------------------------------------------------- one epoch
 
-def training_module(model, frozen, device):
+def training_module(run, frozen):
     """The module an epoch trains, with the backbone frozen or not. Under torchrun it is a DDP wrapper built after
     the freeze: DDP registers the parameters that need gradients when it is built, so it is built again whenever
     that set changes (--freeze-epochs); the plain module stays for evaluation, the EMA and the checkpoints."""
-    set_backbone_frozen(unwrap(model), frozen)
+    set_backbone_frozen(run.plain, frozen)
     if not distributed.active():
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return run.model
+    device = run.device
+    return torch.nn.parallel.DistributedDataParallel(run.model,
+                                                     device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def micro_batch_groups(loader, n):
@@ -265,31 +276,31 @@ def micro_batch_groups(loader, n):
         yield group
 
 
-def train_step(model, micro_batches, criterion, optimizer, scaler, epoch, device, dtype, cfg, augment=None,
-               mixer=None):
-    """One optimiser step over a list of (uint8 images, targets) micro-batches.
+def train_step(run: Run, micro_batches, epoch: int, augment=None):
+    """One optimiser step of run.trained over a list of (uint8 images, targets) micro-batches.
 
     Each micro-batch loss is weighted by its share of the step's images, so the summed gradient is the gradient of
     the mean loss over all of them: N micro-batches give the step of one batch of their union (up to float error
     and BatchNorm, which sees each micro-batch alone). A non-finite loss is not applied. Returns (mean loss,
     correct predictions, images), summed over all processes under torchrun.
     """
+    model, cfg, device = run.trained, run.cfg, run.device
     total = sum(len(targets) for _, targets in micro_batches)
     loss_sum, correct = 0.0, 0
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(micro_batches):
         # under DDP the gradients are averaged across processes once per step, on the last micro-batch
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         x = to_float_batch(images, device, cfg.erasing, augment, cfg.channels_last)
         y = targets.to(device, non_blocking=True)
-        if mixer is not None:
-            x, y = mixer(x, y, epoch)  # y becomes (N, C) class distributions when the batch is mixed
+        if run.mixer is not None:
+            x, y = run.mixer(x, y, epoch)  # y becomes (N, C) class distributions when the batch is mixed
         with sync:
-            with autocast(device, dtype):
+            with autocast(device, run.dtype):
                 logits = model(x)
-            loss = criterion(logits, y, epoch)
-            scaler.scale(loss * (len(y) / total)).backward()
+            loss = run.criterion(logits, y, epoch)
+            run.scaler.scale(loss * (len(y) / total)).backward()
         loss_sum += loss.detach() * len(y)
         correct += count_correct(logits.detach(), y)
     # the one host sync of the step, summed over the processes: a nan/inf loss on any of them makes the sum
@@ -297,55 +308,58 @@ def train_step(model, micro_batches, criterion, optimizer, scaler, epoch, device
     loss_sum, correct, total = distributed.sum_all([loss_sum, correct, total], device).tolist()
     value = loss_sum / total
     if math.isfinite(value):
-        scaler.step(optimizer)
-        scaler.update()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
     return value, correct, total
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, ema, epoch, cfg, device, dtype, progress,
-                    stop, save, run_dir, mixer=None):
-    """Train on the epoch's remaining batches, keeping `progress` current after every step so that save() can
-    write a resumable checkpoint at any step. Returns False when a signal asked the run to stop."""
-    model.train()
-    set_backbone_frozen(unwrap(model), backbone_frozen(cfg, epoch))
+def train_one_epoch(run: Run, loader, epoch: int, progress: Progress, stop: GracefulStop) -> bool:
+    """Train on the epoch's remaining batches, keeping `progress` current after every step so that last.pt can be
+    written at any step. Returns False when a signal asked the run to stop."""
+    cfg = run.cfg
+    run.trained.train()
+    set_backbone_frozen(run.plain, backbone_frozen(cfg, epoch))  # back to eval mode for a frozen backbone
     augment = BatchAugment.from_config(cfg)
-    start = time.perf_counter()
     steps = math.ceil(len(loader) / cfg.accum_steps)
     bar = tqdm(micro_batch_groups(loader, cfg.accum_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                dynamic_ncols=True, initial=progress.step, total=progress.step + steps,
                disable=not distributed.is_main())
+    start = time.perf_counter()
     for group in bar:
         for _, _, bad_files in group:
-            report_bad_files(bad_files, progress, run_dir)
+            report_bad_files(bad_files, progress, run.run_dir)
         group = [(images, targets) for images, targets, _ in group if len(images)]
         if not group:
             continue
-        value, correct, n = train_step(model, group, criterion, optimizer, scaler, epoch, device, dtype, cfg, augment,
-                                       mixer)
-        if math.isfinite(value):
-            if ema is not None:
-                distributed.broadcast_buffers(unwrap(model))  # the same BatchNorm statistics on every rank
-                ema.update_parameters(unwrap(model))
-            progress.nonfinite_in_a_row = 0
-            progress.loss_sum += value * n
-            progress.correct += correct
-            progress.seen += int(n)
-        else:
-            skip_nonfinite_step(value, progress, cfg, dtype, run_dir)
-        scheduler.step()  # the schedule follows the batches, skipped ones included
-        progress.step += 1
-        progress.done += cfg.batch_size * distributed.world_size()
+        count_step(run, progress, *train_step(run, group, epoch, augment))
         progress.seconds += time.perf_counter() - start
         start = time.perf_counter()
         bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
                         acc=f"{progress.correct / max(progress.seen, 1):.3f}",
                         img_s=f"{progress.seen / max(progress.seconds, 1e-9):.0f}")
-        if distributed.any_rank(stop.requested, device):  # every process stops after the same step
+        if distributed.any_rank(stop.requested, run.device):  # every process stops after the same step
             return False
         # never in a run of non-finite losses: last.pt stays the state after the last good step
         if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0 and not progress.nonfinite_in_a_row:
-            save()
+            save_last(run, progress)
     return True
+
+
+def count_step(run, progress, value, correct, n):
+    """After a step: the EMA follows a good one and its sums enter the epoch's; a non-finite one is counted."""
+    if math.isfinite(value):
+        if run.ema is not None:
+            distributed.broadcast_buffers(run.plain)  # the same BatchNorm statistics on every rank
+            run.ema.update_parameters(run.plain)
+        progress.nonfinite_in_a_row = 0
+        progress.loss_sum += value * n
+        progress.correct += correct
+        progress.seen += int(n)
+    else:
+        skip_nonfinite_step(value, progress, run.cfg, run.dtype, run.run_dir)
+    run.scheduler.step()  # the schedule follows the batches, skipped ones included
+    progress.step += 1
+    progress.done += run.cfg.batch_size * distributed.world_size()
 
 
 def skip_nonfinite_step(value, progress, cfg, dtype, run_dir):
@@ -363,10 +377,11 @@ def skip_nonfinite_step(value, progress, cfg, dtype, run_dir):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None, channels_last=False):
-    """Plain cross-entropy and accuracy on the centre crop; the loss does not change with the training loss.
-    None when a signal asked the run to stop before the end."""
+def evaluate(model, loader, run: Run, desc="val", stop=None):
+    """Plain cross-entropy and accuracy of `model` on the centre crop, on run's device and precision; the loss does
+    not change with the training loss. None when a signal asked the run to stop before the end."""
     model.eval()
+    device, crop = run.device, eval_crop(run.cfg)
     total_loss, preds, targets, bad = 0.0, [], [], []
     for images, y, bad_files in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                                      disable=not distributed.is_main()):
@@ -375,9 +390,9 @@ def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None, chan
         bad += bad_files
         if len(images) == 0:
             continue
-        x = to_float_batch(center_crop(images, img_size), device, channels_last=channels_last)
+        x = to_float_batch(center_crop(images, crop), device, channels_last=run.cfg.channels_last)
         y = y.to(device, non_blocking=True)
-        with autocast(device, dtype):
+        with autocast(device, run.dtype):
             logits = model(x)
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         preds.append(logits.argmax(1).cpu())
@@ -394,23 +409,78 @@ def evaluate(model, loader, device, dtype, img_size, desc="val", stop=None, chan
                 targets=targets, bad=bad)
 
 
-# ---------------------------------------------------------------- checkpoints and reports
+def validate(run: Run, loader, epoch: int, stop: GracefulStop):
+    """The raw weights, and the EMA's from --ema-start-epoch on, on val: {"raw": scores, "ema": scores or None,
+    "seconds": the time it took}, or None when a signal stopped it."""
+    start = time.perf_counter()
+    distributed.broadcast_buffers(run.model)  # every rank evaluates the weights that rank 0 saves
+    raw = evaluate(run.model, loader, run, stop=stop)
+    ema = None
+    if raw is not None and run.ema is not None and epoch >= run.cfg.ema_start_epoch:
+        ema = evaluate(run.ema.module, loader, run, desc="val (EMA)", stop=stop)
+        if ema is None:
+            return None
+    return None if raw is None else dict(raw=raw, ema=ema, seconds=time.perf_counter() - start)
 
-def best_state(model, ema, source, cfg, classes, class_counts, epoch, scores):
-    raw = unwrap(model).state_dict()
-    averaged = unwrap(ema).state_dict() if ema is not None else None
-    return {
-        "model": averaged if source == "ema" else raw,  # shares storage with raw/ema: saved once
-        "raw": raw,
-        "ema": averaged,
-        "source": source,
-        "epoch": epoch + 1,
-        "scores": scores,
-        "classes": list(classes),
-        "class_counts": [int(n) for n in class_counts],
-        "config": dataclasses.asdict(cfg),
-        "torch_version": str(torch.__version__),
-    }
+
+# ---------------------------------------------------------------- after each epoch
+
+def epoch_row(run, progress, epoch, scores):
+    """The epoch's history.csv row."""
+    val, val_ema = scores["raw"], scores["ema"]
+    phase, share = loss_phase(run.cfg, epoch)
+    return dict(epoch=epoch + 1, lr=progress.epoch_lr, loss_phase=phase, focal_share=share,
+                train_loss=progress.loss_sum / max(progress.seen, 1),
+                train_acc=progress.correct / max(progress.seen, 1), val_loss=val["loss"], val_acc=val["acc"],
+                val_loss_ema=val_ema["loss"] if val_ema else math.nan,
+                val_acc_ema=val_ema["acc"] if val_ema else math.nan,
+                nonfinite_steps=progress.nonfinite_steps,
+                images_per_s=progress.seen / max(progress.seconds, 1e-9),
+                epoch_seconds=progress.seconds + scores["seconds"])
+
+
+def save_best(run, epoch, source, chosen, row, val_set):
+    """best.pt, the val confusion matrix and (with --folds) the held-out predictions of a new best epoch."""
+    save_atomic(best_checkpoint(run, source, epoch, row), os.path.join(run.run_dir, "best.pt"))
+    plot_confusion(chosen["targets"], chosen["preds"], run.classes,
+                   os.path.join(run.run_dir, "confusion_matrix.png"),
+                   title=f"val confusion, epoch {epoch + 1} ({source} weights, acc {chosen['acc']:.4f})")
+    if run.cfg.folds:
+        write_oof(run.run_dir, run.cfg, val_set, chosen["preds"], run.classes)
+
+
+def record_epoch(run: Run, progress: Progress, epoch: int, scores: dict, val_set):
+    """Keep what an epoch gave: the history row, best.pt when it is the best so far, last.pt, the plots, the
+    console line. The raw or the EMA weights, whichever scored higher, stand for the epoch."""
+    report_bad_files(scores["raw"]["bad"] + (scores["ema"]["bad"] if scores["ema"] else []), progress, run.run_dir)
+    val, val_ema = scores["raw"], scores["ema"]
+    source, chosen = ("ema", val_ema) if val_ema is not None and val_ema["acc"] > val["acc"] else ("raw", val)
+    row = epoch_row(run, progress, epoch, scores)
+    improved = chosen["acc"] > progress.best["acc"]
+    if improved:
+        progress.best = {"acc": chosen["acc"], "epoch": epoch + 1, "source": source}
+    distributed.check_in_sync(run.model, *([run.ema.module] if run.ema is not None else []))
+    if improved and distributed.is_main():
+        save_best(run, epoch, source, chosen, row, val_set)
+    progress.history.append(row)
+    if run.board is not None:
+        run.board.log_epoch(row, os.path.join(run.run_dir, "confusion_matrix.png") if improved else None)
+    progress.epoch, progress.step, progress.done = epoch + 1, 0, 0
+    save_last(run, progress)
+    if distributed.is_main():
+        keep_epoch_copy(run.run_dir, epoch + 1, run.cfg.keep_epochs)
+        write_history(progress.history, run.run_dir)
+    ema_text = f" | val EMA {val_ema['acc']:.4f}" if val_ema else ""
+    print(f"epoch {epoch + 1:3d}/{run.cfg.epochs} | {row['loss_phase']:5s} | lr {row['lr']:.2e} | train loss "
+          f"{row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {val['loss']:.4f} acc "
+          f"{val['acc']:.4f}{ema_text} | {row['images_per_s']:.0f} img/s{' | best' if improved else ''}")
+
+
+def save_last(run: Run, progress: Progress):
+    """last.pt, written by rank 0 with every process's random generators (all processes call this together)."""
+    rngs = rank_rng_states()
+    if distributed.is_main():
+        save_atomic(training_checkpoint(run, progress, rngs), os.path.join(run.run_dir, "last.pt"))
 
 
 def write_history(history, run_dir):
@@ -465,20 +535,20 @@ def check_data(cfg):
     return 0
 
 
-def resume_training(ckpt, cfg, model, ema, optimizer, scheduler, scaler, progress, steps_per_epoch):
-    """Load last.pt into the freshly built objects; returns the run's Progress.
+def resume_training(ckpt, run: Run, progress: Progress, steps_per_epoch: int) -> Progress:
+    """Load last.pt into the freshly built run; returns the run's Progress.
 
     With another number of processes than the run had, the global batch and the steps per epoch differ: the
     interrupted epoch goes on with the images no process has trained on yet, shared among the new processes, and
     the LR schedule is laid out again for the new steps per epoch (as --allow-schedule-change does), at the LR that
     --lr-scale gives the new number of processes."""
-    saved = ckpt["progress"]
+    saved, cfg = ckpt["progress"], run.cfg
     processes = distributed.world_size()
     done = saved.get("done", saved["step"] * cfg.batch_size)  # earlier versions counted one process's steps
     regrid = saved.get("processes", 1) != processes
     step = round(done / (cfg.batch_size * processes)) if regrid else saved["step"]
     replay = saved["epoch"] * steps_per_epoch + step if ckpt["schedule_changed"] or regrid else None
-    resumed = restore_training_state(ckpt, model, ema, optimizer, scheduler, scaler, replay)
+    resumed = restore_training_state(ckpt, run, replay)
     resumed.skipped_files, resumed.train_images = progress.skipped_files, progress.train_images
     resumed.step, resumed.done, resumed.processes = step, done, processes
     if regrid:
@@ -488,12 +558,104 @@ def resume_training(ckpt, cfg, model, ema, optimizer, scheduler, scaler, progres
     return resumed
 
 
-def stop_run(stop, progress, last, steps_per_epoch):
+def stop_run(stop, progress, run, steps_per_epoch):
+    last = os.path.join(run.run_dir, "last.pt")
     print(f"{stop.name}: stopped at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}; "
           f"saved {last}")
     launcher = "python" if distributed.world_size() == 1 else "torchrun <the same options>"
     print(f"resume with: {launcher} train.py --resume {last}")
     return 128 + stop.signum
+
+
+# ---------------------------------------------------------------- the run
+
+def load_data(cfg, datasets, run_dir, ckpt, allow_change):
+    """The train and val (or held-out fold) datasets after the up-front scan has left out unreadable images, with
+    the run's Progress (the images skipped so far). datasets: build_train_val's (train, val, classes)."""
+    train_set, val_set, classes = datasets
+    train_set, val_set, split = fold_datasets(cfg, train_set, val_set, classes)
+    os.makedirs(run_dir, exist_ok=True)
+    write_split(split, run_dir)
+    progress = Progress(skipped_files=ckpt["progress"]["skipped_files"] if ckpt else [])
+    drop_unreadable(train_set, val_set, cfg, progress, run_dir)
+    if ckpt:
+        check_resume_data(ckpt, classes, len(train_set), allow_change)
+    progress.train_images, progress.processes = len(train_set), distributed.world_size()
+    return train_set, val_set, progress
+
+
+def new_model(cfg, classes, ckpt):
+    """The model with its pretrained (or --weights FILE) backbone; a resumed run loads its own weights later."""
+    model = build_model(cfg.arch, len(classes), "none" if ckpt else cfg.weights, cfg.head, cfg.head_dropout,
+                        classes)
+    n_params = count_params(model)
+    if n_params > cfg.max_params:
+        raise UserError(f"{cfg.arch} has {n_params / 1e6:.1f}M parameters, over --max-params "
+                        f"{cfg.max_params / 1e6:.1f}M (use a smaller --arch or --head linear)")
+    return model
+
+
+def build_run(cfg, model, device, train_set, steps_per_epoch, run_dir) -> Run:
+    """Every object that trains the model, for this device and number of processes."""
+    setup_backends(cfg, device)
+    model = prepare_model(model, cfg, device)
+    dtype = amp_dtype(cfg, device)
+    optimizer = build_optimizer(model, scaled_lr(cfg))
+    counts = train_set.class_counts()
+    weights = class_weights(counts, cfg.class_weights, cfg.class_weights_beta)
+    return Run(cfg=cfg, model=model, device=device, dtype=dtype, optimizer=optimizer,
+               scheduler=build_scheduler(optimizer, scaled_lr(cfg), steps_per_epoch),
+               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+               ema=make_ema(unwrap(model), cfg.ema_decay) if cfg.ema else None,  # a copy of the plain module
+               criterion=TrainLoss(cfg, weights.to(device) if weights is not None else None),
+               mixer=build_mixer(cfg, len(train_set.classes)), classes=tuple(train_set.classes),
+               class_counts=tuple(int(n) for n in counts), run_dir=run_dir,
+               board=Board(run_dir, train_set, cfg) if cfg.tensorboard and distributed.is_main() else None)
+
+
+def describe(run, train_set, val_set):
+    """The run's setup in two lines, and its config.json."""
+    cfg, run_cfg, n = run.cfg, scaled_lr(run.cfg), distributed.world_size()
+    dtype = f", {str(run.dtype).removeprefix('torch.')} autocast" if run.dtype else ""
+    print(f"{cfg.arch} with {cfg.head} head: {count_params(run.plain) / 1e6:.1f}M parameters, {len(run.classes)} "
+          f"classes, {len(train_set)} train / {len(val_set)} val images, device {run.device}{dtype}")
+    scaling = f" (--lr {cfg.lr:g} x {run_cfg.lr / cfg.lr:.4g}, --lr-scale {cfg.lr_scale})" \
+        if cfg.lr_scale != "none" else ""
+    print(f"{n} process(es) x --batch-size {cfg.batch_size} = global batch {n * cfg.batch_size}, "
+          f"lr {run_cfg.lr:g}{scaling}")
+    if distributed.is_main():
+        remove_stale_temp_files(run.run_dir)
+        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
+            json.dump(dict(dataclasses.asdict(cfg), classes=list(run.classes), processes=n), f, indent=2)
+
+
+def fit(run: Run, loaders, progress: Progress) -> int:
+    """The epoch loop: train, validate, keep what the epoch gave; returns the exit code."""
+    cfg, frozen = run.cfg, None
+    steps_per_epoch = math.ceil(len(loaders.train) / cfg.accum_steps)
+    with GracefulStop() as stop:
+        for epoch in range(progress.epoch, cfg.epochs):
+            if backbone_frozen(cfg, epoch) != frozen:
+                frozen = backbone_frozen(cfg, epoch)
+                run.train_model = training_module(run, frozen)
+            if progress.done == 0:
+                progress.start_epoch(reported_lr(run.optimizer))
+            loaders.sampler.start_epoch(epoch, progress.done)
+            finished = train_one_epoch(run, loaders.train, epoch, progress, stop)
+            scores = validate(run, loaders.val, epoch, stop) if finished else None
+            if scores is None:  # stopped by a signal mid-epoch
+                save_last(run, progress)
+                return stop_run(stop, progress, run, steps_per_epoch)
+            record_epoch(run, progress, epoch, scores, loaders.val.dataset.dataset)
+            if distributed.any_rank(stop.requested, run.device):
+                return stop_run(stop, progress, run, steps_per_epoch)
+    if run.board is not None:
+        run.board.close()
+    best = progress.best
+    print(f"best val accuracy {best['acc']:.4f} at epoch {best['epoch']} ({best['source']} weights)")
+    print(f"run folder: {run.run_dir}")
+    print(f"next: python inference.py --checkpoint {os.path.join(run.run_dir, 'best.pt')} --data-dir {cfg.data_dir}")
+    return 0
 
 
 # ---------------------------------------------------------------- main
@@ -509,131 +671,18 @@ def main(argv=None):
     cfg, run_dir, ckpt = open_run(cfg, args, given)
     print_warnings(cfg, device)
     seed_everything(cfg.seed)
-    dtype = amp_dtype(cfg, device)
 
-    train_set, val_set, classes = build_train_val(cfg)
-    train_set, val_set, split = fold_datasets(cfg, train_set, val_set, classes)
-    model = build_model(cfg.arch, len(classes), "none" if ckpt else cfg.weights, cfg.head, cfg.head_dropout,
-                        classes)
-    n_params = count_params(model)
-    if n_params > cfg.max_params:
-        raise UserError(f"{cfg.arch} has {n_params / 1e6:.1f}M parameters, over --max-params "
-                        f"{cfg.max_params / 1e6:.1f}M (use a smaller --arch or --head linear)")
-    setup_backends(cfg, device)
-    model = prepare_model(model, cfg, device)
-    os.makedirs(run_dir, exist_ok=True)
-    write_split(split, run_dir)
-    progress = Progress(skipped_files=ckpt["progress"]["skipped_files"] if ckpt else [])
-    drop_unreadable(train_set, val_set, cfg, progress, run_dir)
-    if ckpt:
-        check_resume_data(ckpt, classes, len(train_set), args.allow_schedule_change)
-    print(f"{cfg.arch} with {cfg.head} head: {n_params / 1e6:.1f}M parameters, {len(classes)} classes, "
-          f"{len(train_set)} train / {len(val_set)} val images, device {device}"
-          f"{', ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else ''}")
-    board = Board(run_dir, train_set, cfg) if cfg.tensorboard and distributed.is_main() else None
-
-    train_loader, val_loader, sampler = make_loaders(cfg, train_set, val_set, device)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
-    run_cfg = scaled_lr(cfg)
-    optimizer = build_optimizer(model, run_cfg)
-    scheduler = build_scheduler(optimizer, run_cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = make_ema(unwrap(model), cfg.ema_decay) if cfg.ema else None  # a copy of the plain module, not compiled
-    class_counts = train_set.class_counts()
-    weights = class_weights(class_counts, cfg.class_weights, cfg.class_weights_beta)
-    criterion = TrainLoss(cfg, weights.to(device) if weights is not None else None)
-    mixer = build_mixer(cfg, len(classes))
-    progress.train_images, progress.processes = len(train_set), distributed.world_size()
+    datasets = build_train_val(cfg)
+    model = new_model(cfg, datasets[2], ckpt)  # before the scan: a model over --max-params stops at once
+    train_set, val_set, progress = load_data(cfg, datasets, run_dir, ckpt, args.allow_schedule_change)
+    loaders = make_loaders(cfg, train_set, val_set, device)
+    steps_per_epoch = math.ceil(len(loaders.train) / cfg.accum_steps)
+    run = build_run(cfg, model, device, train_set, steps_per_epoch, run_dir)
     seed_rank_streams(cfg.seed)  # every process built the same model; from here each draws its own numbers
     if ckpt:
-        progress = resume_training(ckpt, cfg, model, ema, optimizer, scheduler, scaler, progress, steps_per_epoch)
-    if distributed.is_main():
-        remove_stale_temp_files(run_dir)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dict(dataclasses.asdict(cfg), classes=classes, processes=distributed.world_size()), f,
-                      indent=2)
-    scaling = f" (--lr {cfg.lr:g} x {run_cfg.lr / cfg.lr:.4g}, --lr-scale {cfg.lr_scale})" \
-        if cfg.lr_scale != "none" else ""
-    print(f"{distributed.world_size()} process(es) x --batch-size {cfg.batch_size} = global batch "
-          f"{distributed.world_size() * cfg.batch_size}, lr {run_cfg.lr:g}{scaling}")
-
-    last = os.path.join(run_dir, "last.pt")
-
-    def save():  # rank 0 writes every file of the run, with every process's random generators
-        rngs = rank_rng_states()
-        if distributed.is_main():
-            state = training_state(model, ema, optimizer, scheduler, scaler, progress, cfg, classes, class_counts)
-            save_atomic(dict(state, rng_ranks=rngs), last)
-
-    train_model, frozen = None, None
-    with GracefulStop() as stop:
-        for epoch in range(progress.epoch, cfg.epochs):
-            if backbone_frozen(cfg, epoch) != frozen:
-                frozen = backbone_frozen(cfg, epoch)
-                train_model = training_module(model, frozen, device)
-            if progress.done == 0:
-                progress.start_epoch(reported_lr(optimizer))
-            sampler.start_epoch(epoch, progress.done)
-            phase, share = loss_phase(cfg, epoch)
-            finished = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, scaler, ema, epoch,
-                                       cfg, device, dtype, progress, stop, save, run_dir, mixer)
-            val_start = time.perf_counter()
-            distributed.broadcast_buffers(model)  # every rank evaluates the weights that rank 0 saves
-            val = evaluate(model, val_loader, device, dtype, eval_crop(cfg), stop=stop,
-                           channels_last=cfg.channels_last) if finished else None
-            val_ema = None
-            if val is not None and ema is not None and epoch >= cfg.ema_start_epoch:
-                val_ema = evaluate(ema.module, val_loader, device, dtype, eval_crop(cfg), desc="val (EMA)",
-                                   stop=stop, channels_last=cfg.channels_last)
-                val = val if val_ema is not None else None
-            if val is None:  # stopped by a signal mid-epoch
-                save()
-                return stop_run(stop, progress, last, steps_per_epoch)
-            report_bad_files(val["bad"] + (val_ema["bad"] if val_ema else []), progress, run_dir)
-
-            source, chosen = ("ema", val_ema) if val_ema is not None and val_ema["acc"] > val["acc"] else ("raw", val)
-            row = dict(epoch=epoch + 1, lr=progress.epoch_lr, loss_phase=phase, focal_share=share,
-                       train_loss=progress.loss_sum / max(progress.seen, 1),
-                       train_acc=progress.correct / max(progress.seen, 1), val_loss=val["loss"], val_acc=val["acc"],
-                       val_loss_ema=val_ema["loss"] if val_ema else math.nan,
-                       val_acc_ema=val_ema["acc"] if val_ema else math.nan,
-                       nonfinite_steps=progress.nonfinite_steps,
-                       images_per_s=progress.seen / max(progress.seconds, 1e-9),
-                       epoch_seconds=progress.seconds + time.perf_counter() - val_start)
-            improved = chosen["acc"] > progress.best["acc"]
-            if improved:
-                progress.best = {"acc": chosen["acc"], "epoch": epoch + 1, "source": source}
-            distributed.check_in_sync(model, *([ema.module] if ema is not None else []))
-            if improved and distributed.is_main():
-                save_atomic(best_state(model, ema, source, cfg, classes, class_counts, epoch, row),
-                            os.path.join(run_dir, "best.pt"))
-                plot_confusion(chosen["targets"], chosen["preds"], classes,
-                               os.path.join(run_dir, "confusion_matrix.png"),
-                               title=f"val confusion, epoch {epoch + 1} ({source} weights, acc {chosen['acc']:.4f})")
-                if cfg.folds:
-                    write_oof(run_dir, cfg, val_set, chosen["preds"], classes)
-            progress.history.append(row)
-            if board is not None:
-                board.log_epoch(row, os.path.join(run_dir, "confusion_matrix.png") if improved else None)
-            progress.epoch, progress.step, progress.done = epoch + 1, 0, 0
-            save()
-            if distributed.is_main():
-                keep_epoch_copy(run_dir, epoch + 1, cfg.keep_epochs)
-                write_history(progress.history, run_dir)
-            ema_text = f" | val EMA {val_ema['acc']:.4f}" if val_ema else ""
-            print(f"epoch {epoch + 1:3d}/{cfg.epochs} | {phase:5s} | lr {row['lr']:.2e} | train loss "
-                  f"{row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {val['loss']:.4f} acc "
-                  f"{val['acc']:.4f}{ema_text} | {row['images_per_s']:.0f} img/s{' | best' if improved else ''}")
-            if distributed.any_rank(stop.requested, device):
-                return stop_run(stop, progress, last, steps_per_epoch)
-
-    if board is not None:
-        board.close()
-    best = progress.best
-    print(f"best val accuracy {best['acc']:.4f} at epoch {best['epoch']} ({best['source']} weights)")
-    print(f"run folder: {run_dir}")
-    print(f"next: python inference.py --checkpoint {os.path.join(run_dir, 'best.pt')} --data-dir {cfg.data_dir}")
-    return 0
+        progress = resume_training(ckpt, run, progress, steps_per_epoch)
+    describe(run, train_set, val_set)
+    return fit(run, loaders, progress)
 
 
 if __name__ == "__main__":

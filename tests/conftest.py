@@ -1,12 +1,16 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample")
 sys.path.insert(0, ROOT)
+
+# wall-clock measurements: the only history.csv columns that may differ between two runs of one command
+TIMING_COLUMNS = ["images_per_s", "epoch_seconds"]
 
 # the smallest setting that still trains a real torchvision ResNet on real images
 TINY = ["--arch", "resnet18", "--weights", "none", "--img-size", "32", "--batch-size", "32", "--workers", "0",
@@ -37,8 +41,35 @@ def run_main(main, argv, capsys):
 
     Returns (exit code, stdout, stderr); quicker than a subprocess for the many error-path tests.
     """
-    from utils import run_cli
+    from errors import run_cli
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: main([str(a) for a in argv]))
     out = capsys.readouterr()
     return stop.value.code, out.out, out.err
+
+
+
+
+def wait_for(path, proc, timeout=600):
+    """Wait until a running script has written `path` (it must not exit first)."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def error_line(code, err):
+    """The one-line error of a user mistake (progress bars may come before it on stderr)."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.strip()][-1]
+
+
+def one_line_error(code, stderr):
+    """The user mistake's error: exit code 2 and exactly one line on stderr, no traceback."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]

@@ -6,8 +6,7 @@ import torch
 
 import ablation
 import train
-from conftest import SAMPLE, TINY, run_main
-from test_cli import one_line_error
+from conftest import SAMPLE, TINY, one_line_error, run_main
 
 ARGS = ["--data-dir", SAMPLE, *TINY, "--head", "linear", "--epochs", 1]
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 import inference
 import train
-from conftest import SAMPLE, TINY, run_main
+from conftest import SAMPLE, TINY, error_line, run_main
 from dataset import BadImage, load_rgb
-from model import UserError, build_model
-from utils import run_cli
+from errors import UserError, run_cli
+from model import build_model
 
 BROKEN = ["truncated.jpg", "zero bytes.jpg", "not an image.png"]
 
@@ -73,12 +73,6 @@ def hostile_run(hostile, tmp_path_factory):
     with redirect_stdout(stdout), redirect_stderr(stderr), pytest.raises(SystemExit) as stop:
         run_cli(lambda: train.main([str(a) for a in argv]))
     return out / "h", stop.value.code, stdout.getvalue(), stderr.getvalue()
-
-
-def error_line(code, err):
-    assert code == 2, err
-    assert "Traceback" not in err
-    return [line for line in err.splitlines() if line.strip()][-1]
 
 
 def test_training_names_and_skips_unreadable_images_and_reads_every_odd_one(hostile_run):

@@ -11,7 +11,7 @@ import torch
 from config import Config
 import inference
 import train
-from conftest import SAMPLE, TINY, run_main, run_script
+from conftest import SAMPLE, TINY, one_line_error, run_main, run_script
 from dataset import center_crop
 from inference import write_predictions
 from losses import TrainLoss, cross_entropy
@@ -100,14 +100,6 @@ def test_help_documents_every_flag():
     for flag in ["--checkpoint", "--data-dir", "--test-dir", "--output", "--tta", "--topk", "--batch-size",
                  "--workers", "--device", "--val-dir", "--weights"]:
         assert flag in text
-
-
-def one_line_error(code, stderr):
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = [l for l in stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 def test_a_user_mistake_is_one_line_on_the_real_command_line(tmp_path):

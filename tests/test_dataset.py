@@ -2,13 +2,11 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from config import Config
-from dataset import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, BadImage, FlatImages, build_train_val, find_classes,
-                     load_rgb, to_float_batch, to_rgb, train_transform)
-from model import UserError
+from dataset import IMAGE_EXTENSIONS, BadImage, FlatImages, build_train_val, find_classes, load_rgb, to_rgb
+from errors import UserError
 
 
 def save(path, img):
@@ -79,26 +77,6 @@ def test_flat_test_folder_ignores_hidden_files_and_refuses_clashing_names(tmp_pa
     save(str(tmp_path / "b.png"), Image.new("RGB", (8, 8)))
     with pytest.raises(UserError, match="share the name b"):
         FlatImages(str(tmp_path), transform=lambda img: img)
-
-
-def test_train_transform_gives_uint8_crops_and_batches_normalise():
-    cfg = Config(img_size=48)
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
-    out = train_transform(cfg)(img)
-    assert out.dtype == torch.uint8 and out.shape == (3, 48, 48)
-    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    x = to_float_batch(batch, torch.device("cpu"))
-    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
-    assert x[0, :, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
-
-
-def test_random_erasing_draws_per_image():
-    torch.manual_seed(0)
-    batch = torch.full((16, 3, 32, 32), 128, dtype=torch.uint8)
-    x = to_float_batch(batch, torch.device("cpu"), erasing=0.5)
-    reference = to_float_batch(batch[:1], torch.device("cpu"))[0]
-    erased = [not torch.equal(img, reference) for img in x]
-    assert 0 < sum(erased) < 16  # some images erased, others not: one draw each
 
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

@@ -13,11 +13,11 @@ import torch
 
 import inference
 import train
-from conftest import ROOT, SAMPLE, TINY, run_main
-from dataset import build_train_val, collate_skipping_bad, eval_crop
+from conftest import ROOT, SAMPLE, TIMING_COLUMNS, TINY, run_main, wait_for
+from dataset import build_train_val, collate_skipping_bad
 from model import build_model
+from run import Run
 from config import config_from_dict
-from test_resume import TIMING_COLUMNS, wait_for
 
 # 2 processes x 16 images: 9 steps per epoch on the 300 sample images; the LR is scaled to 2 x 1e-3
 ARGS = ["--data-dir", SAMPLE, "--epochs", 2, *TINY, "--batch-size", 16, "--lr-scale", "linear",
@@ -64,7 +64,7 @@ def test_two_process_run_evaluates_exactly_like_one_process(ddp_run):
     loader = torch.utils.data.DataLoader(val_set, batch_size=64, collate_fn=collate_skipping_bad)
     for key, column in [("model", "val_acc"), ("ema", "val_acc_ema")]:
         model.load_state_dict(ckpt[key])
-        val = train.evaluate(model, loader, torch.device("cpu"), None, eval_crop(cfg))
+        val = train.evaluate(model, loader, Run(cfg=cfg, model=model, device=torch.device("cpu")))
         assert len(val["targets"]) == len(val_set) == 100
         assert val["acc"] == history[column].iloc[1], key
         assert np.isclose(val["loss"], history[column.replace("acc", "loss")].iloc[1], rtol=1e-4)
@@ -166,9 +166,8 @@ import torch
 import distributed
 import train
 from config import Config
-from dataset import erasing_boxes
-from resume import seed_rank_streams
-from utils import seed_everything
+from augment import erasing_boxes
+from runtime import seed_everything, seed_rank_streams
 
 distributed.setup(torch.device("cpu"))
 seed_everything(42)

@@ -1,8 +1,7 @@
-import pytest
 import torch
 from torch import nn
 
-from utils import make_ema
+from ema import make_ema
 
 
 def small_model():

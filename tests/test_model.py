@@ -6,7 +6,8 @@ from torch import nn
 from torchvision import models
 
 from conftest import run_script
-from model import UserError, build_model, count_params
+from errors import UserError
+from model import build_model, count_params
 
 
 def test_default_model_is_94_2m_parameters_with_the_mlp_head():

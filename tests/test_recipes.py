@@ -14,12 +14,14 @@ import inference
 import train
 from config import Config
 from conftest import SAMPLE, TINY, run_main
-from dataset import build_train_val, train_transform
+from augment import train_transform
+from dataset import build_train_val
 from finetune import param_groups
 from folds import assign_folds
 from losses import TrainLoss
 from mix import build_mixer, count_correct
-from model import UserError, build_model
+from errors import UserError
+from model import build_model
 
 CLASSES = ["0", "1", "2"]
 

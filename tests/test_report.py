@@ -11,9 +11,8 @@ import dataset
 import inference
 import train
 from conftest import SAMPLE, TINY, run_main
-from test_cli import one_line_error
-from report import calibration, confused_pairs, per_class_table, write_report
-from utils import confusion_counts
+from report import Labelled, calibration, confused_pairs, per_class_table, write_report
+from plots import confusion_counts
 
 CLASSES = ["a", "b", "c"]
 # (true, predicted, confidence); by hand: confusion [[2,0,0],[1,1,0],[0,1,1]]
@@ -57,7 +56,7 @@ def test_report_numbers_match_a_hand_computed_confusion_matrix(tmp_path):
     flipped = probs.copy()
     flipped[3] = [0.1, 0.8, 0.1]  # this mode gets one more image right
     out = tmp_path / "report"
-    write_report(str(out), {"none": probs, "flip": flipped}, targets, paths, CLASSES, "none", "crafted")
+    write_report(str(out), {"none": probs, "flip": flipped}, Labelled(paths, targets, CLASSES), "none", "crafted")
     assert pd.read_csv(out / "per_class.csv")["f1"].tolist() == pytest.approx([0.8, 0.5, 2 / 3])
     assert pd.read_csv(out / "tta.csv")["accuracy"].tolist() == pytest.approx([4 / 6, 5 / 6])
     assert len(pd.read_csv(out / "confused_pairs.csv")) == 2

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, SAMPLE, TINY, run_main
+from conftest import ROOT, SAMPLE, TIMING_COLUMNS, TINY, error_line, run_main, wait_for
 from config import Config
 from model import build_model
-from resume import EpochSampler, keep_epoch_copy, remove_stale_temp_files, restore_training_state, training_state
-
-TIMING_COLUMNS = ["images_per_s", "epoch_seconds"]  # wall-clock measurements: the only columns that may differ
+from checkpoint import training_checkpoint
+from ema import make_ema
+from resume import EpochSampler, keep_epoch_copy, remove_stale_temp_files, restore_training_state
+from run import Run
 
 
 def start_train(*args):
@@ -27,25 +28,10 @@ def start_train(*args):
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
-def wait_for(path, proc, timeout=600):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-
-
 def stop_with(proc, signum):
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=600)
     return proc.returncode, out, err
-
-
-def error_line(code, err):
-    """The one-line error of a user mistake (progress bars may come before it on stderr)."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    return [line for line in err.splitlines() if line.strip()][-1]
 
 
 def test_a_run_killed_twice_by_signals_resumes_to_the_same_history_and_weights(trained_run, tmp_path):
@@ -157,7 +143,8 @@ def test_epoch_order_depends_on_seed_and_epoch_only_and_skips_done_batches():
 
 def test_augmentation_follows_the_sample_seed_not_the_global_generator(tmp_path):
     from config import Config
-    from dataset import LabelledImages, train_transform
+    from augment import train_transform
+    from dataset import LabelledImages
     cfg = Config(img_size=32)
     data = LabelledImages(os.path.join(SAMPLE, "train"), [str(c) for c in range(10)], train_transform(cfg))
     first = data[(5, 1234)][0]
@@ -170,7 +157,7 @@ def test_augmentation_follows_the_sample_seed_not_the_global_generator(tmp_path)
 
 def test_kill_9_during_a_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    script = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); from utils import save_atomic\n"
+    script = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); from checkpoint import save_atomic\n"
               f"save_atomic({{'v': torch.zeros(3)}}, {str(path)!r}); print('ready', flush=True)\n"
               "big = {'v': torch.ones(25_000_000)}\n"
               f"while True: save_atomic(big, {str(path)!r})\n")
@@ -245,12 +232,13 @@ def test_a_run_without_fp16_resumes_on_a_gpu_that_scales_fp16_losses(trained_run
     cfg = Config(arch="resnet18", lr=1e-3, epochs=2, head_dropout=ckpt["config"]["head_dropout"])
     model = build_model("resnet18", 10, weights="none")
     optimizer = train.build_optimizer(model, cfg)
-    scheduler = train.build_scheduler(optimizer, cfg, 9)
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # what an fp16 GPU run builds
-    progress = restore_training_state(ckpt, model, train.make_ema(model, 0.999), optimizer, scheduler, scaler)
+    run = Run(cfg=cfg, model=model, device=torch.device("cpu"), optimizer=optimizer, scaler=scaler,
+              scheduler=train.build_scheduler(optimizer, cfg, 9), ema=make_ema(model, 0.999), classes=("0",),
+              class_counts=(1,))
+    progress = restore_training_state(ckpt, run)
     assert progress.epoch == 2 and scaler.get_scale() == 65536.0
-    assert training_state(model, None, optimizer, scheduler, scaler, progress, cfg, ["0"], [1])["scaler"]["scale"] \
-        == 65536.0
+    assert training_checkpoint(run, progress)["scaler"]["scale"] == 65536.0
 
 
 class NanLoss(train.TrainLoss):

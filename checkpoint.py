@@ -1,0 +1,156 @@
+"""The checkpoint format: what best.pt and last.pt hold, how they are written, and the one way they are read.
+
+Both are plain dicts of tensors and Python types, written atomically (save_atomic) and read with
+torch.load(weights_only=True): a file carrying pickled code is refused.
+
+best.pt, the weights of the best epoch (what inference.py reads):
+    model          the state_dict that scored higher on val: the EMA or the raw weights, as `source` says
+    raw, ema       both state_dicts (ema is None without --ema); model shares storage with one of them
+    source         "raw" or "ema"
+    epoch          the epoch, counted from 1; scores: its history.csv row
+    classes        the class folder names, in the order of the head's outputs; class_counts: train images per class
+    config         the run's Config as a dict; torch_version
+
+last.pt (and its epoch-NNN.pt copies), everything a resumed run needs:
+    model, ema     the raw weights and the EMA's (None without --ema); ema_updates: the EMA's update count
+    optimizer, scheduler, scaler   their state_dicts (scaler is empty when fp16 loss scaling is off)
+    progress       resume.Progress as a dict: epoch, step and position in the epoch, history, best score, ...
+    rng            rank 0's python/numpy/torch/CUDA generator states; rng_ranks: every process's, under torchrun
+    epoch          epochs completed (when progress.step is 0); classes, class_counts, config, torch_version
+
+A weights file for --weights is read by read_state_dict: a torchvision state_dict, or the `model` entry of ours.
+"""
+import dataclasses
+import os
+import tempfile
+
+import torch
+
+from errors import UserError
+from runtime import rng_state
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, rename, fsync the folder: a crash or kill -9 at
+    any moment leaves either the old file or the new one, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's owner-only mode
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_folder(folder)
+
+
+def fsync_folder(folder):
+    """Make a rename inside `folder` durable (POSIX; elsewhere the rename itself is all there is)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path):
+    """Our checkpoints hold tensors and plain types only; anything else (pickled code) is refused."""
+    if not os.path.isfile(path):
+        raise UserError(f"no such checkpoint: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise UserError(f"refusing to load {path}: not a plain checkpoint of tensors ({reason[:300]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "classes" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by train.py (no model/classes/config entries)")
+    return ckpt
+
+
+def training_checkpoint(run, progress, rng_ranks=None):
+    """last.pt: everything a resumed run needs (rng_ranks: every process's generators, under torchrun)."""
+    return {
+        "model": run.plain.state_dict(),
+        "ema": run.ema.module.state_dict() if run.ema is not None else None,
+        "ema_updates": int(run.ema.n_averaged) if run.ema is not None else 0,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "progress": dataclasses.asdict(progress),
+        "rng": rng_state(),
+        "rng_ranks": rng_ranks,
+        "epoch": progress.epoch,  # epochs completed when step is 0
+        **run_identity(run),
+    }
+
+
+def run_identity(run):
+    """The entries both files carry: what the weights mean (class names and counts) and how they were made."""
+    return {
+        "classes": list(run.classes),
+        "class_counts": [int(n) for n in run.class_counts],
+        "config": dataclasses.asdict(run.cfg),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def load_resumable(path):
+    """A last.pt (or epoch-NNN.pt) to resume; best.pt is refused with what to do instead."""
+    ckpt = load_checkpoint(path)
+    if "progress" not in ckpt or "optimizer" not in ckpt:
+        raise UserError(f"{path} is not a resumable checkpoint (best.pt holds weights only): resume from the run's "
+                        "last.pt, or start a new run with --weights " + path)
+    return ckpt
+
+
+def best_checkpoint(run, source, epoch, scores):
+    """best.pt of an epoch (counted from 0) whose `source` weights ("raw" or "ema") scored `scores`."""
+    raw = run.plain.state_dict()
+    averaged = run.ema.module.state_dict() if run.ema is not None else None
+    return {
+        "model": averaged if source == "ema" else raw,  # shares storage with raw/ema: saved once
+        "raw": raw,
+        "ema": averaged,
+        "source": source,
+        "epoch": epoch + 1,
+        "scores": scores,
+        **run_identity(run),
+    }
+
+
+def select_weights(ckpt, which, path):
+    """The state_dict asked for: best.pt carries raw and EMA weights, last.pt the raw ones and the EMA."""
+    if which == "best":
+        return ckpt["model"], ckpt.get("source", "raw")
+    if which == "ema":
+        if ckpt.get("ema") is None:
+            raise UserError(f"{path} holds no EMA weights (trained with --no-ema); use --weights raw")
+        return ckpt["ema"], "ema"
+    return ckpt.get("raw", ckpt["model"]), "raw"
+
+
+def read_state_dict(path):
+    """(state_dict, info) from a torchvision-format file or one of our checkpoints (its 'model' entry); info holds
+    the checkpoint's arch and class names when it is one of ours."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+    info = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        info = {"arch": (obj.get("config") or {}).get("arch"), "classes": obj.get("classes")}
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state_dict of tensors")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}, info

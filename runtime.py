@@ -1,0 +1,107 @@
+"""Where and how a run computes: the device, mixed precision, loader workers, and its random generators (seeding,
+per-process streams under torchrun, and the states that last.pt saves and a resumed run restores)."""
+import os
+import random
+import signal
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import distributed
+from errors import UserError
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too; loader workers derive their seeds from the torch generator
+
+
+def seed_worker(worker_id):
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    # Ctrl-C and SIGTERM reach the whole process group: the main process stops the run cleanly and shuts the
+    # workers down itself, which it could not do if they had died mid-batch
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def default_workers(requested):
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(16, cores - 1))  # the main process keeps a core for the device work
+
+
+def amp_dtype(cfg, device):
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def seed_rank_streams(seed, salt=0):
+    """Give each torchrun process a random stream of its own for the work drawn in the training loop (dropout,
+    random erasing, the device-side colour draws, the mixing coin): with one shared stream, image j of every
+    process's batch would get the same jitter, box and mask. The model is built before this, from --seed alone, so
+    every process starts from the same weights. Rank 0 keeps the stream of --seed: one process trains as before."""
+    rank = distributed.rank()
+    if rank == 0:
+        return
+    derived = int(np.random.SeedSequence([seed, rank, salt]).generate_state(1, np.uint64)[0] >> 1)
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)  # seeds CUDA too
+
+
+def rank_rng_states():
+    """Every process's rng_state(), in rank order (called by all processes together), or None in a single one."""
+    return distributed.gather(rng_state()) if distributed.active() else None
+
+
+def restore_rng(ckpt):
+    """Set this process's generators to where the saved run left them. Resumed with another number of processes
+    (or from a checkpoint without per-process states) the other ranks draw fresh streams of their own, since the old
+    ones no longer map onto the new processes."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks and len(ranks) == distributed.world_size():
+        set_rng_state(ranks[distributed.rank()])
+        return
+    set_rng_state(ckpt["rng"])
+    seed_rank_streams(ckpt["config"].get("seed", 0), salt=1 + ckpt["progress"].get("done", 0))
+
+
+def rng_state():
+    """Every global generator, as plain types and tensors (weights_only loading accepts them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
