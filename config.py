@@ -38,11 +38,14 @@ class Config:
     # checkpoints
     save_every_steps: int = opt(0, "also write last.pt every N optimiser steps, mid-epoch (0: at epoch ends only)",
                                 group="checkpoints")
-    keep_epochs: int = opt(0, "keep the resumable checkpoints of the last N epochs as epoch-NNN.pt besides last.pt",
-                           group="checkpoints")
+    keep_epochs: int = opt(0, "keep the resumable checkpoints of the last N epochs as epoch-NNN.pt besides last.pt "
+                              "(0: only last.pt)", group="checkpoints")
 
     # model
-    arch: str = opt("resnext101_32x8d", "torchvision ResNet-family backbone (see model.py --list)", group="model")
+    arch: str = opt("resnext101_32x8d", "torchvision ResNet-family backbone: resnet18, resnet34, resnet50, resnet101, "
+                                        "resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, "
+                                        "wide_resnet50_2 or wide_resnet101_2 (sizes: python model.py --list)",
+                    group="model")
     weights: str = opt("default", "'default' (torchvision ImageNet weights, cached in the torch hub folder), "
                                   "a torchvision enum name such as IMAGENET1K_V1, 'none' (from scratch), "
                                   "or a local FILE (torchvision state_dict or one of our checkpoints)", group="model")
@@ -66,7 +69,8 @@ class Config:
                                 "mode), then unfreeze")
     decay_norm_bias: bool = opt(False, "also apply weight decay to normalisation weights and biases, as the seed "
                                        "did (by default they are excluded)")
-    min_lr: float = opt(1e-5, "cosine annealing floor (eta_min)")
+    min_lr: float = opt(1e-5, "cosine annealing floor (eta_min) of --lr; each parameter group's floor is scaled "
+                              "like its LR (min-lr x group LR / --lr)")
     warmup_epochs: float = opt(0.0, "linear warmup length in epochs (fractions allowed)", type=float)
     t_max: float = opt(0.0, "cosine period in epochs; 0 = the whole run (the seed used 50 in a 100-epoch run)",
                        type=float)
@@ -167,7 +171,9 @@ GROUPS = ["data", "checkpoints", "model", "training", "speed", "loss", "cross-va
 
 
 def add_config_args(parser):
-    """One flag per Config field: --field-name, defaults and help from the dataclass."""
+    """One flag per Config field: --field-name, defaults and help from the dataclass.
+
+    Returns the argument groups by name, so that a script can put its own flags beside the config's."""
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(Config):
         meta = f.metadata
@@ -184,7 +190,7 @@ def add_config_args(parser):
                 kwargs["nargs"] = meta["nargs"]
                 kwargs["metavar"] = "N"
         groups[meta["group"]].add_argument(flag, **kwargs)
-    return parser
+    return groups
 
 
 def config_from_args(args):

@@ -58,18 +58,24 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Fine-tune a torchvision ResNet-family classifier on an image-folder dataset "
                     "(DATA/train/<class>/, DATA/val/<class>/).")
-    add_config_args(parser)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start again in a run folder that already holds a run (its files are replaced)")
-    parser.add_argument("--resume", metavar="PATH|auto", default=None,
-                        help="continue the run of a last.pt (or epoch-NNN.pt) exactly where it stopped, with its own "
-                             "settings; auto = --output-dir/--run-name/last.pt if it exists, else start that run")
-    parser.add_argument("--allow-schedule-change", action="store_true",
-                        help="with --resume: accept settings that differ from the run's, e.g. more --epochs (the "
-                             "schedule is recomputed for them)")
-    parser.add_argument("--check-data", action="store_true",
-                        help="only decode every train/val/test image once, list the unreadable ones and exit "
-                             "(non-zero when more than --max-bad-frac of train+val are unreadable)")
+    groups = add_config_args(parser)
+    # in the config's groups, so that --help and the README's flag table show them beside their kin
+    data, checkpoints = groups["data"], groups["checkpoints"]
+    data.add_argument("--overwrite", action="store_true",
+                      help="start again in a run folder that already holds a run: first remove the earlier run's "
+                           "files there (last.pt, best.pt, epoch-*.pt, config.json, history.csv, curves.png, "
+                           "confusion_matrix.png/.csv, folds.csv, oof.csv, skipped_images.txt, tensorboard/, report/, "
+                           "fold<i>/) and name them; other files stay")
+    checkpoints.add_argument("--resume", metavar="PATH|auto", default=None,
+                             help="continue the run of a last.pt (or epoch-NNN.pt) exactly where it stopped, with "
+                                  "its own settings; auto = --output-dir/--run-name/last.pt if it exists, else start "
+                                  "that run")
+    checkpoints.add_argument("--allow-schedule-change", action="store_true",
+                             help="with --resume: accept settings that differ from the run's, e.g. more --epochs "
+                                  "(the schedule is recomputed for them)")
+    data.add_argument("--check-data", action="store_true",
+                      help="only decode every train/val/test image once, list the unreadable ones and exit "
+                           "(non-zero when more than --max-bad-frac of train+val are unreadable)")
     return parser
 
 
