@@ -118,7 +118,7 @@ def plot(confusion, path):
     """The confusion matrix as train.py draws it (row-normalised PNG, counts beside it as .csv)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import numpy as np
-    from utils import plot_confusion
+    from plots import plot_confusion
 
     counts = confusion.values
     true, pred = np.nonzero(counts)
