@@ -1,0 +1,84 @@
+"""The shape that keeps the code easy to change: short functions with few parameters, imports that flow one way
+(tools -> entry scripts -> data / model / losses / checkpoint -> config -> errors), one home per concept."""
+import ast
+import glob
+import os
+
+import pytest
+
+from conftest import ROOT
+
+TOOLS = {"bench", "ablation"}
+ENTRY_SCRIPTS = {"train", "inference"}
+MODULES = {os.path.splitext(os.path.basename(p))[0]: p for p in glob.glob(os.path.join(ROOT, "*.py"))}
+SOURCES = sorted(MODULES.values()) + sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+
+
+def parse(path):
+    with open(path) as f:
+        return ast.parse(f.read(), path)
+
+
+def functions(path):
+    for node in ast.walk(parse(path)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def parameters(node):
+    args = node.args
+    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def project_imports(path):
+    """The repository's own modules that a file imports, at any depth (imports inside functions count too)."""
+    found = set()
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_functions_are_short_and_take_few_parameters(path):
+    for node in functions(path):
+        where = f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name}"
+        assert node.end_lineno - node.lineno + 1 <= 60, f"{where} is longer than 60 lines"
+        assert len(parameters(node)) <= 6, f"{where} takes {len(parameters(node))} parameters"
+
+
+def test_test_functions_are_short_too():
+    for path in glob.glob(os.path.join(ROOT, "tests", "*.py")):
+        for node in functions(path):  # a test's parameters are its fixtures and cases: no limit on them
+            assert node.end_lineno - node.lineno + 1 <= 60, f"{os.path.relpath(path, ROOT)}: {node.name}"
+
+
+def test_train_main_reads_as_a_table_of_contents():
+    main = next(node for node in functions(MODULES["train"]) if node.name == "main")
+    assert main.end_lineno - main.lineno + 1 <= 50
+
+
+def test_imports_flow_one_way():
+    assert project_imports(MODULES["errors"]) == set()
+    assert project_imports(MODULES["config"]) <= {"errors"}
+    for name, path in MODULES.items():
+        imported = project_imports(path) - {name}
+        if name not in TOOLS:
+            assert not imported & TOOLS, f"{name}.py imports a tool: {imported & TOOLS}"
+        if name not in TOOLS | ENTRY_SCRIPTS:
+            assert not imported & ENTRY_SCRIPTS, f"{name}.py imports an entry script: {imported & ENTRY_SCRIPTS}"
+
+
+def test_one_module_writes_and_reads_checkpoints():
+    """torch.save and torch.load of our checkpoints happen in checkpoint.py alone."""
+    for name, path in MODULES.items():
+        if name in {"checkpoint"} | TOOLS:
+            continue
+        calls = {f"{node.func.value.id}.{node.func.attr}" for node in ast.walk(parse(path))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and isinstance(node.func.value, ast.Name)}
+        assert not calls & {"torch.save", "torch.load"}, f"{name}.py saves or loads a checkpoint itself"
