@@ -12,7 +12,10 @@ GaussianBlur exist as ColourLUT/RandomBlur (loader) and BatchAugment (device); b
 torchvision does and use the same colour functions below. tests/test_fast_paths.py keeps each equal to torchvision's
 own transform on the same draws (and so to each other); tests/test_dataset.py checks the erasing boxes.
 """
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +24,9 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 from errors import UserError
+
+if TYPE_CHECKING:
+    from config import Config
 
 
 # ---------------------------------------------------------------- per image, in the loader
@@ -47,7 +53,7 @@ def batch_augment_on(cfg):
     return cfg.augment_on == "batch"
 
 
-def train_transform(cfg):
+def train_transform(cfg: Config) -> v2.Compose:
     """The train augmentation of --aug, every number from the config; output is a uint8 CHW tensor.
 
     seed: the hand-tuned list; policy: crop, flip and an --auto-augment policy in place of the hand-tuned colour and
@@ -294,7 +300,7 @@ def erasing_boxes(n, height, width, p, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
     return boxes
 
 
-def random_erasing(x, p):
+def random_erasing(x: torch.Tensor, p: float) -> torch.Tensor:
     """Zero a random rectangle of each image with probability p (value 0 of the normalised image, as the seed)."""
     n, _, height, width = x.shape
     top, left, h, w = erasing_boxes(n, height, width, p).to(x.device).view(n, 4, 1, 1).unbind(1)

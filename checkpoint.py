@@ -20,17 +20,24 @@ last.pt (and its epoch-NNN.pt copies), everything a resumed run needs:
 
 A weights file for --weights is read by read_state_dict: a torchvision state_dict, or the `model` entry of ours.
 """
+from __future__ import annotations
+
 import dataclasses
 import os
 import tempfile
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from errors import UserError
 from runtime import rng_state
 
+if TYPE_CHECKING:
+    from resume import Progress
+    from run import Run
 
-def save_atomic(obj, path):
+
+def save_atomic(obj: object, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, rename, fsync the folder: a crash or kill -9 at
     any moment leaves either the old file or the new one, never a partial one."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -63,7 +70,7 @@ def fsync_folder(folder):
         os.close(fd)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path: str) -> dict[str, Any]:
     """Our checkpoints hold tensors and plain types only; anything else (pickled code) is refused."""
     if not os.path.isfile(path):
         raise UserError(f"no such checkpoint: {path}")
@@ -78,7 +85,8 @@ def load_checkpoint(path):
     return ckpt
 
 
-def training_checkpoint(run, progress, rng_ranks=None):
+def training_checkpoint(run: Run, progress: Progress,
+                        rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """last.pt: everything a resumed run needs (rng_ranks: every process's generators, under torchrun)."""
     return {
         "model": run.plain.state_dict(),
@@ -105,7 +113,7 @@ def run_identity(run):
     }
 
 
-def load_resumable(path):
+def load_resumable(path: str) -> dict[str, Any]:
     """A last.pt (or epoch-NNN.pt) to resume; best.pt is refused with what to do instead."""
     ckpt = load_checkpoint(path)
     if "progress" not in ckpt or "optimizer" not in ckpt:
@@ -114,7 +122,7 @@ def load_resumable(path):
     return ckpt
 
 
-def best_checkpoint(run, source, epoch, scores):
+def best_checkpoint(run: Run, source: str, epoch: int, scores: dict[str, Any]) -> dict[str, Any]:
     """best.pt of an epoch (counted from 0) whose `source` weights ("raw" or "ema") scored `scores`."""
     raw = run.plain.state_dict()
     averaged = run.ema.module.state_dict() if run.ema is not None else None
@@ -129,7 +137,7 @@ def best_checkpoint(run, source, epoch, scores):
     }
 
 
-def select_weights(ckpt, which, path):
+def select_weights(ckpt: dict[str, Any], which: str, path: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state_dict asked for: best.pt carries raw and EMA weights, last.pt the raw ones and the EMA."""
     if which == "best":
         return ckpt["model"], ckpt.get("source", "raw")
@@ -140,7 +148,7 @@ def select_weights(ckpt, which, path):
     return ckpt.get("raw", ckpt["model"]), "raw"
 
 
-def read_state_dict(path):
+def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, info) from a torchvision-format file or one of our checkpoints (its 'model' entry); info holds
     the checkpoint's arch and class names when it is one of ours."""
     try:

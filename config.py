@@ -3,9 +3,12 @@
 train.py builds its command line from these fields, checkpoints store them as a plain dict, and the other tools
 (inference, ablation) read them back. A field's metadata carries its --help text, choices and group.
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from errors import UserError
 
@@ -170,7 +173,7 @@ GROUPS = ["data", "checkpoints", "model", "training", "speed", "loss", "cross-va
           "mixing"]
 
 
-def add_config_args(parser):
+def add_config_args(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
     """One flag per Config field: --field-name, defaults and help from the dataclass.
 
     Returns the argument groups by name, so that a script can put its own flags beside the config's."""
@@ -193,12 +196,12 @@ def add_config_args(parser):
     return groups
 
 
-def config_from_args(args):
+def config_from_args(args: argparse.Namespace) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def config_from_dict(d):
+def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a Config from a checkpoint's plain dict; fields added later keep their defaults."""
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in d.items() if k in names})
@@ -301,7 +304,7 @@ def unused_settings(cfg):
     return list(said.items())
 
 
-def check_config(cfg):
+def check_config(cfg: Config) -> list[str]:
     """Raise a UserError for a setting that cannot work; return warnings for settings that change nothing or act
     otherwise than usual in this run (an ablation grid may set them for its other levels, so they are said, not
     refused)."""

@@ -5,6 +5,8 @@
 Images leave the loader as uint8 tensors; converting to float, normalising and random erasing happen per batch on
 the training device (to_float_batch), which keeps the worker processes light and the host-to-GPU copy 4x smaller.
 """
+from __future__ import annotations
+
 import argparse
 import copy
 import dataclasses
@@ -14,7 +16,9 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +27,8 @@ from torchvision.transforms import v2
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from augment import random_erasing, train_transform
-from config import add_config_args, config_from_args
+from augment import BatchAugment, random_erasing, train_transform
+from config import Config, add_config_args, config_from_args
 from errors import UserError, run_cli
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,7 +66,7 @@ def is_visible(name):
     return not name.startswith(".")  # .DS_Store, AppleDouble ._x.jpg, editor droppings
 
 
-def list_files(folder):
+def list_files(folder: str) -> tuple[list[str], list[str]]:
     """(images, others) of one folder: the sorted paths of the files with an extension this Pillow reads (in any
     case), and the sorted names of every other entry (a folder with a trailing '/'), dotfiles and OS droppings
     left out."""
@@ -79,7 +83,7 @@ def list_files(folder):
     return images, others
 
 
-def not_images_note(names, n=5):
+def not_images_note(names: Sequence[str], n: int = 5) -> str:
     """'2 file(s) that are not images by their extension: notes.txt, x.heic', naming the first n."""
     listed = ", ".join(names[:n]) + (", ..." if len(names) > n else "")
     return f"{len(names)} file(s) that are not images by their extension: {listed}"
@@ -92,7 +96,7 @@ def sort_class_names(names):
     return sorted(names)
 
 
-def find_classes(folder):
+def find_classes(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise UserError(f"no such folder: {folder}")
     names = [n for n in os.listdir(folder) if is_visible(n) and os.path.isdir(os.path.join(folder, n))]
@@ -173,7 +177,7 @@ def to_rgb(img, peak=None):
     return img.convert("RGB")
 
 
-def load_rgb(path, draft_size=None):
+def load_rgb(path: str, draft_size: int | None = None) -> Image.Image:
     """Decode any image file this Pillow reads into an RGB PIL image, upright as its EXIF says (to_rgb says how
     each pixel mode is converted); BadImage if unreadable."""
     try:
@@ -341,7 +345,7 @@ class ImageCheck(torch.utils.data.Dataset):
             return str(e)
 
 
-def check_images(paths, workers, desc="checking images"):
+def check_images(paths: Sequence[str], workers: int, desc: str = "checking images") -> dict[str, str]:
     """{path: reason} for every unreadable file among `paths`, decoded in parallel loader processes."""
     loader = torch.utils.data.DataLoader(ImageCheck(paths), batch_size=32, num_workers=workers, collate_fn=list,
                                          generator=torch.Generator())  # draws nothing from the global generator
@@ -349,7 +353,8 @@ def check_images(paths, workers, desc="checking images"):
     return {p: r for p, r in zip(paths, reasons) if r}
 
 
-def collate_skipping_bad(batch):
+def collate_skipping_bad(batch: Sequence[tuple[torch.Tensor | None, int | str, str]]
+                         ) -> tuple[torch.Tensor, torch.Tensor | list[str], list[str]]:
     """Stack the good images; return the paths (or messages) of the bad ones beside them."""
     good = [b for b in batch if b[0] is not None]
     bad = [b[2] for b in batch if b[0] is None]
@@ -360,7 +365,7 @@ def collate_skipping_bad(batch):
     return images, second, bad
 
 
-def loader_options(workers, device):
+def loader_options(workers: int, device: torch.device) -> dict[str, Any]:
     """DataLoader settings shared by training and prediction: persistent, prefetching workers and pinned memory
     (so that the non-blocking copies to the GPU overlap the compute)."""
     options = dict(num_workers=workers, pin_memory=device.type == "cuda", collate_fn=collate_skipping_bad)
@@ -369,17 +374,17 @@ def loader_options(workers, device):
     return options
 
 
-def eval_crop(cfg):
+def eval_crop(cfg: Config) -> int:
     """The evaluation centre-crop size: --eval-size, or the train crop size."""
     return cfg.eval_size or cfg.img_size
 
 
-def eval_sizes(img_size, crop_ratio):
+def eval_sizes(img_size: int, crop_ratio: float) -> tuple[int, int]:
     """(resize, crop): the short side is resized to crop/ratio, then the centre crop is taken (256 -> 224)."""
     return int(round(img_size / crop_ratio)), img_size
 
 
-def eval_transform(img_size, crop_ratio):
+def eval_transform(img_size: int, crop_ratio: float) -> v2.Compose:
     """Resize the short side and centre-crop a square of that side; the model's centre crop is taken per batch.
 
     Keeping the larger square lets test-time augmentation cut its other views from the same decoded tensor.
@@ -388,7 +393,7 @@ def eval_transform(img_size, crop_ratio):
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(resize), v2.PILToTensor()])
 
 
-def center_crop(batch, size):
+def center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
     h, w = batch.shape[-2:]
     if size > min(h, w):  # negative offsets would slice a sliver, which a network classifies all the same
         raise ValueError(f"centre crop of {size} px from {h}x{w} images: the crop must fit inside")
@@ -396,7 +401,8 @@ def center_crop(batch, size):
     return batch[..., top:top + size, left:left + size]
 
 
-def to_float_batch(batch, device, erasing=0.0, augment=None, channels_last=False):
+def to_float_batch(batch: torch.Tensor, device: torch.device, erasing: float = 0.0,
+                   augment: BatchAugment | None = None, channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW on any device -> normalised float on `device`; training adds the batch augmentation and
     per-image random erasing (after normalisation, as the seed's RandomErasing)."""
     x = batch.to(device, non_blocking=True)
@@ -413,7 +419,7 @@ def to_float_batch(batch, device, erasing=0.0, augment=None, channels_last=False
     return x
 
 
-def build_train_val(cfg):
+def build_train_val(cfg: Config) -> tuple[LabelledImages, LabelledImages, list[str]]:
     """Datasets for train/ and val/ with the class list of train/; val must use the same class names."""
     train_dir, val_dir = os.path.join(cfg.data_dir, "train"), os.path.join(cfg.data_dir, "val")
     if not os.path.isdir(cfg.data_dir):
@@ -453,7 +459,8 @@ def preview_picks(targets, count):
     return picks
 
 
-def preview_grid(dataset, cfg, images=8, views=5, padding=2):
+def preview_grid(dataset: LabelledImages, cfg: Config, images: int = 8, views: int = 5,
+                 padding: int = 2) -> torch.Tensor:
     """uint8 (3, H, W) grid: one row per image, its evaluation view first, then `views` draws of the train pipeline.
 
     Random erasing is drawn here as the training loop draws it (per image, filled with the mean colour). The global

@@ -3,9 +3,13 @@
 torchrun (or Slurm's srun running torchrun) sets RANK, WORLD_SIZE and LOCAL_RANK; setup() joins the process group
 (NCCL on CUDA, gloo on CPU) and picks this process's GPU. Every helper here is a no-op in a single process.
 """
+from __future__ import annotations
+
 import atexit
 import os
 import sys
+from collections.abc import Iterable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -13,28 +17,30 @@ import torch.distributed as dist
 
 from errors import UserError
 
+T = TypeVar("T")
+
 
 def launched():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def active():
+def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank():
+def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
-def world_size():
+def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
-def is_main():
+def is_main() -> bool:
     return rank() == 0
 
 
-def setup(device):
+def setup(device: torch.device) -> torch.device:
     """Join the torchrun process group when there is one; returns this process's device.
 
     Only rank 0 prints: the other ranks' stdout goes to /dev/null (their errors still reach stderr)."""
@@ -54,12 +60,12 @@ def setup(device):
     return device
 
 
-def shard(n):
+def shard(n: int) -> list[int]:
     """This rank's contiguous, disjoint share of range(n): every index on exactly one rank, none repeated."""
     return np.array_split(np.arange(n), world_size())[rank()].tolist()
 
 
-def gather(obj):
+def gather(obj: T) -> list[T]:
     """[obj of rank 0, obj of rank 1, ...] on every rank: shards gathered back in dataset order."""
     if not active():
         return [obj]
@@ -68,7 +74,7 @@ def gather(obj):
     return objs
 
 
-def from_main(obj):
+def from_main(obj: T) -> T:
     """Rank 0's obj on every rank (the others may pass None): work done once, its result shared."""
     if not active():
         return obj
@@ -77,7 +83,7 @@ def from_main(obj):
     return box[0]
 
 
-def sum_all(values, device):
+def sum_all(values: Iterable[float | torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum a few numbers (or 0-d tensors) over all ranks, in float64 (exact for counts); a tensor back on every
     rank. One small collective: a flag summed this way tells every rank whether any rank raised it."""
     t = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
@@ -86,12 +92,12 @@ def sum_all(values, device):
     return t
 
 
-def any_rank(flag, device):
+def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when flag is true on any: the ranks take a decision together, e.g. to stop."""
     return bool(sum_all([flag], device)[0]) if active() else bool(flag)
 
 
-def broadcast_buffers(model):
+def broadcast_buffers(model: torch.nn.Module) -> None:
     """Give every rank rank 0's BatchNorm statistics: DDP trains the weights in step, but each rank updates its
     running statistics from its own batches. Afterwards EMA and evaluation see the very model rank 0 saves."""
     if active():
@@ -99,7 +105,7 @@ def broadcast_buffers(model):
             dist.broadcast(buffer, 0)
 
 
-def check_in_sync(*modules):
+def check_in_sync(*modules: torch.nn.Module) -> None:
     """Raise if the ranks hold different weights (a per-tensor float64 fingerprint, compared across ranks)."""
     if not active():
         return

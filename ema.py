@@ -1,4 +1,6 @@
 """The exponential moving average of the weights, updated after every optimiser step (BatchNorm buffers included)."""
+from __future__ import annotations
+
 import torch
 from torch.optim.swa_utils import AveragedModel
 
@@ -21,6 +23,6 @@ def ema_avg_fn(decay):
     return update
 
 
-def make_ema(model, decay):
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     """An AveragedModel over parameters and buffers, updated after every optimiser step by the training loop."""
     return AveragedModel(model, multi_avg_fn=ema_avg_fn(decay), use_buffers=True)

@@ -6,6 +6,15 @@ at d times the one above (the stem at lr * d^4): early filters are generic and n
 lr * --head-lr-mult. Normalisation weights and biases (every 1-d tensor) get no weight decay by default: decaying
 them only shrinks BatchNorm's scales towards zero and does not regularise the function.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from config import Config
+
 BACKBONE_STAGES = ["layer4", "layer3", "layer2", "layer1", "stem"]  # top first: layer4 gets decay^0
 
 
@@ -23,7 +32,7 @@ def stage_lr_scales(cfg):
     return scales
 
 
-def param_groups(model, cfg):
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """Parameter groups for the optimiser, each with its stage name, lr and weight_decay."""
     scales = stage_lr_scales(cfg)
     groups = {}
@@ -38,11 +47,11 @@ def param_groups(model, cfg):
     return list(groups.values())
 
 
-def backbone_frozen(cfg, epoch):
+def backbone_frozen(cfg: Config, epoch: int) -> bool:
     return epoch < cfg.freeze_epochs
 
 
-def set_backbone_frozen(model, frozen):
+def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:
     """Stop (or restart) training every stage but the head; frozen BatchNorm layers keep their running statistics.
 
     Call it after model.train(): it puts the frozen backbone's modules back into eval mode, so BatchNorm normalises
@@ -56,6 +65,6 @@ def set_backbone_frozen(model, frozen):
             p.requires_grad_(not frozen)
 
 
-def reported_lr(optimizer):
+def reported_lr(optimizer: torch.optim.Optimizer) -> float:
     """The learning rate of layer4 (--lr times the schedule): the one number the history and console show."""
     return next(g["lr"] for g in optimizer.param_groups if g["stage"] == "layer4")

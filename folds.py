@@ -9,13 +9,21 @@ once by the model that did not train on it: the out-of-fold accuracy, an estimat
 members generalise that uses all the labelled images (it is slightly optimistic: each fold's best epoch is chosen
 on the same held-out fold).
 """
+from __future__ import annotations
+
 import os
 import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from errors import UserError
+
+if TYPE_CHECKING:
+    from config import Config
+    from dataset import LabelledImages
 
 
 def check_fold_args(cfg):
@@ -39,7 +47,8 @@ def assign_folds(targets, k, seed):
     return folds
 
 
-def fold_datasets(cfg, train_set, val_set, classes):
+def fold_datasets(cfg: Config, train_set: LabelledImages, val_set: LabelledImages,
+                  classes: Sequence[str]) -> tuple[LabelledImages, LabelledImages, pd.DataFrame | None]:
     """(train, held-out, split table) for --folds K --fold i; train keeps the train augmentation, the held-out fold
     the evaluation transform. Without --folds, the datasets come back as they are and no split."""
     check_fold_args(cfg)
@@ -54,12 +63,13 @@ def fold_datasets(cfg, train_set, val_set, classes):
     return train, held_out, split
 
 
-def write_split(split, run_dir):
+def write_split(split: pd.DataFrame | None, run_dir: str) -> None:
     if split is not None:
         split.to_csv(os.path.join(run_dir, "folds.csv"), index=False)
 
 
-def write_oof(run_dir, cfg, val_set, preds, classes):
+def write_oof(run_dir: str, cfg: Config, val_set: LabelledImages, preds: np.ndarray,
+              classes: Sequence[str]) -> None:
     """The held-out fold's predictions of the best epoch (centre crop), for the out-of-fold accuracy."""
     if len(preds) != len(val_set.samples):
         print("warning: some held-out images were unreadable; oof.csv is not written for this fold")
@@ -70,7 +80,8 @@ def write_oof(run_dir, cfg, val_set, preds, classes):
         os.path.join(run_dir, "oof.csv"), index=False)
 
 
-def run_all_folds(train_main, argv, cfg, run_name):
+def run_all_folds(train_main: Callable[[list[str]], int], argv: list[str] | None, cfg: Config,
+                  run_name: str) -> int:
     """Train folds 0 .. K-1 one after the other (each a full train.py run), then report out-of-fold accuracy."""
     check_fold_args(cfg)
     argv = list(sys.argv[1:] if argv is None else argv)

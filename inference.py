@@ -12,6 +12,8 @@ Several checkpoints (or a folder of runs) make an ensemble: their softmaxes, eac
 averaged; they must share the class list. Under torchrun every process predicts its own contiguous share of the
 images, and the first one gathers them and writes the same files as a single process would.
 """
+from __future__ import annotations
+
 import argparse
 import collections
 import dataclasses
@@ -167,7 +169,8 @@ def tta_views(square, img_size, mode):
 
 
 @torch.no_grad()
-def predict_probs(model, images, device, img_size, mode, dtype=None):
+def predict_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, img_size: int, mode: str,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax averaged over the TTA views, all views of the batch in one forward pass."""
     x = to_float_batch(images, device, channels_last=device.type == "cuda")
     views = tta_views(x, img_size, mode)
@@ -300,7 +303,7 @@ def validate(members, classes, val_dir, args, device):
         print(f"val accuracy at eval size {size} (resize {resize}), TTA {args.tta}: {acc:.4f} ({n} images)")
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = distributed.setup(pick_device(args.device))
     members, classes, prior = load_members(args, device)

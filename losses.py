@@ -8,9 +8,17 @@ with q the (smoothed, or mixed) target distribution, p the softmax and w optiona
 cross-entropy. The seed computed focal loss on the batch-mean CE, which re-weights the whole batch by one number
 instead of down-weighting the easy samples; this is the per-sample form of Lin et al. 2017.
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from config import Config
 
 
 def soft_targets(target, num_classes, smoothing=0.0):
@@ -39,7 +47,7 @@ def cross_entropy(logits, target, smoothing=0.0, weight=None):
     return focal_loss(logits, target, gamma=0.0, smoothing=smoothing, weight=weight)
 
 
-def loss_phase(cfg, epoch):
+def loss_phase(cfg: Config, epoch: int) -> tuple[str, float]:
     """(phase name, focal share) for an epoch: a pure function of the epoch, so a resumed run picks the same loss."""
     if cfg.loss == "ce":
         return "ce", 0.0
@@ -55,7 +63,8 @@ def loss_phase(cfg, epoch):
     return "blend", (epoch - s1 + 1) / (s2 - s1 + 1)  # strictly between 0 and 1 inside [s1, s2)
 
 
-def class_weights(counts, kind="none", beta=0.999):
+def class_weights(counts: Sequence[int] | np.ndarray, kind: str = "none",
+                  beta: float = 0.999) -> torch.Tensor | None:
     """Per-class weights from the class counts of the file list (never from a pass over augmented images)."""
     counts = np.asarray(counts)
     if kind == "none":

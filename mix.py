@@ -4,8 +4,15 @@ torchvision.transforms.v2.MixUp/CutMix do the blending; this file decides when a
 --mix-off-epoch) and which of the two runs (--mix-switch-prob). The losses take the mixed targets as they are,
 class weights included, since every loss in losses.py is linear in the target distribution.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
 from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from config import Config
 
 
 class BatchMixer:
@@ -30,14 +37,14 @@ class BatchMixer:
         return self.mix(images, targets)
 
 
-def build_mixer(cfg, num_classes):
+def build_mixer(cfg: Config, num_classes: int) -> BatchMixer | None:
     """A BatchMixer, or None when neither --mixup nor --cutmix is on (the seed recipe)."""
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
     return BatchMixer(cfg, num_classes)
 
 
-def count_correct(logits, targets):
+def count_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Correct predictions of a batch; with mixed targets each image counts the share of the predicted class.
 
     For a MixUp of 0.7 cat + 0.3 dog, predicting cat scores 0.7 and dog 0.3; with class indices this is plain

@@ -3,9 +3,12 @@
     python model.py --list [--num-classes 100]     # every supported arch with its parameter count
     python model.py --list --flops --img-size 224  # and its forward cost per image
 """
+from __future__ import annotations
+
 import argparse
 import os
 import sys
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -41,7 +44,7 @@ def build_head(kind, in_features, num_classes, dropout=(0.4, 0.3, 0.2)):
     raise UserError(f"unknown head '{kind}' (choose mlp or linear)")
 
 
-def count_params(model):
+def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
@@ -99,13 +102,14 @@ def load_weights_file(model, path, arch, classes=None):
               f"({short_list(theirs)} vs {short_list(classes)}), so the head starts fresh")
 
 
-def short_list(names, n=5):
+def short_list(names: Iterable[str], n: int = 5) -> str:
     names = list(names)
     return f"{len(names)} classes: {', '.join(names[:n])}{', ...' if len(names) > n else ''}"
 
 
-def build_model(arch="resnext101_32x8d", num_classes=100, weights="default", head="mlp",
-                head_dropout=(0.4, 0.3, 0.2), classes=None):
+def build_model(arch: str = "resnext101_32x8d", num_classes: int = 100, weights: str = "default",
+                head: str = "mlp", head_dropout: Sequence[float] = (0.4, 0.3, 0.2),
+                classes: Sequence[str] | None = None) -> models.ResNet:
     if arch not in ARCHS:
         raise UserError(f"--arch {arch}: choose one of {', '.join(ARCHS)}")
     backbone = getattr(models, arch)(weights=None)
@@ -166,7 +170,7 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def unwrap(model):
+def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP, torch.compile or AveragedModel wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):

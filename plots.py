@@ -2,12 +2,23 @@
 
 matplotlib is imported on first use with the file-only Agg backend, so that --help and errors stay fast.
 """
+from __future__ import annotations
+
 import os
+from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 
-def pyplot():
+
+def pyplot() -> ModuleType:
     """matplotlib with the file-only Agg backend, imported on first use so that --help and errors stay fast."""
     import matplotlib
     matplotlib.use("Agg")
@@ -15,7 +26,7 @@ def pyplot():
     return plt
 
 
-def plot_curves(history, path):
+def plot_curves(history: Sequence[dict[str, Any]], path: str) -> None:
     """Loss and accuracy per epoch: train vs val, raw vs EMA weights."""
     plt = pyplot()
     epochs = [h["epoch"] for h in history]
@@ -39,7 +50,7 @@ def plot_curves(history, path):
     save_figure(fig, path)
 
 
-def confusion_counts(targets, preds, n):
+def confusion_counts(targets: Sequence[int] | np.ndarray, preds: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     """n x n counts: rows are true classes, columns predicted ones (scikit-learn's layout)."""
     from sklearn.metrics import confusion_matrix
     return confusion_matrix(targets, preds, labels=list(range(n)))
@@ -51,7 +62,8 @@ def row_normalise(cm):
     return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
 
 
-def draw_confusion(ax, cm, classes, title, annotate=True):
+def draw_confusion(ax: Axes, cm: np.ndarray, classes: Sequence[str], title: str,
+                   annotate: bool = True) -> AxesImage:
     """A row-normalised matrix on a fixed 0..1 colour scale, so that panels side by side compare directly."""
     n = len(classes)
     im = ax.imshow(row_normalise(cm), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
@@ -70,7 +82,8 @@ def draw_confusion(ax, cm, classes, title, annotate=True):
     return im
 
 
-def plot_confusion(targets, preds, classes, path, title="confusion matrix"):
+def plot_confusion(targets: Sequence[int] | np.ndarray, preds: Sequence[int] | np.ndarray, classes: Sequence[str],
+                   path: str, title: str = "confusion matrix") -> None:
     """Row-normalised validation confusion matrix as a PNG, its counts beside it as CSV (same name, .csv)."""
     import pandas as pd
     plt = pyplot()
@@ -85,7 +98,7 @@ def plot_confusion(targets, preds, classes, path, title="confusion matrix"):
     save_figure(fig, path)
 
 
-def markdown_table(df, floats="{:.4f}"):
+def markdown_table(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
     """A pandas DataFrame as a GitHub markdown table (pandas' own to_markdown needs the tabulate package)."""
     def cell(v):
         return floats.format(v) if isinstance(v, (float, np.floating)) else str(v)
@@ -94,7 +107,7 @@ def markdown_table(df, floats="{:.4f}"):
     return "\n".join(lines) + "\n"
 
 
-def save_figure(fig, path):
+def save_figure(fig: Figure, path: str) -> None:
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     pyplot().close(fig)

@@ -7,6 +7,8 @@ frequent true -> predicted mistakes), tta.csv (accuracy per test-time augmentati
 misclassified.png (the most confident mistakes) and reliability.png (calibration, with the expected calibration
 error). Everything is computed from the softmax probabilities of the chosen TTA mode.
 """
+from __future__ import annotations
+
 import collections
 import os
 
@@ -103,7 +105,8 @@ def plot_misclassified(labelled, probs, path, count=24):
     save_figure(fig, path)
 
 
-def write_report(out_dir, probs_by_mode, labelled, mode, title):
+def write_report(out_dir: str, probs_by_mode: dict[str, np.ndarray], labelled: Labelled, mode: str,
+                 title: str) -> dict[str, float | pd.DataFrame]:
     """All report files from the probabilities of every evaluated TTA mode on a Labelled folder; `mode` is the one
     analysed."""
     os.makedirs(out_dir, exist_ok=True)

@@ -4,6 +4,8 @@ A run is a function of its config: the epoch order and every image's augmentatio
 image), never from a generator that runs on through the epochs, so a resumed run only has to skip the batches it has
 done; the rest (dropout, random erasing, the EMA and optimiser state, the schedule) is saved and loaded as is.
 """
+from __future__ import annotations
+
 import dataclasses
 import glob
 import math
@@ -14,12 +16,16 @@ import signal
 import threading
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from config import Config, config_from_dict
 from errors import UserError
 from runtime import restore_rng
+
+if TYPE_CHECKING:
+    from run import Run
 
 # settings a resumed run may change freely: where things are and how fast they go, not what is computed
 FREE_ON_RESUME = {"data_dir", "output_dir", "run_name", "workers", "device", "weights", "save_every_steps",
@@ -95,7 +101,7 @@ class EpochSampler(torch.utils.data.Sampler):
 # ---------------------------------------------------------------- the training state
 
 
-def restore_training_state(ckpt, run, replay_steps=None):
+def restore_training_state(ckpt: dict[str, Any], run: Run, replay_steps: int | None = None) -> Progress:
     """Load a last.pt (checkpoint.training_checkpoint) into a freshly built run.Run and return its Progress.
 
     replay_steps: the schedule changed on resume (--allow-schedule-change): instead of loading the old scheduler,
@@ -134,7 +140,7 @@ def restore_scaler(scaler, state):
 
 # ---------------------------------------------------------------- --resume
 
-def resume_path(resume, run_dir):
+def resume_path(resume: str, run_dir: str) -> str | None:
     """The checkpoint that --resume names: a file, or 'auto' = the run folder's last.pt when there is one."""
     if resume == "auto":
         path = os.path.join(run_dir, "last.pt")
@@ -144,7 +150,8 @@ def resume_path(resume, run_dir):
     return resume
 
 
-def resumed_config(saved, given, allow_schedule_change):
+def resumed_config(saved: dict[str, Any], given: dict[str, Any],
+                   allow_schedule_change: bool) -> tuple[Config, bool]:
     """The run's saved config with the settings given on this command line; refuses changes that break the run.
 
     saved: the checkpoint's config dict; given: {field: value} of the flags typed on this command line.
@@ -176,13 +183,13 @@ RUN_FILES = ["last.pt", "best.pt", "epoch-*.pt", ".tmp-*.pt", "config.json", "hi
              "*.tmp.png", "tensorboard", "report", "fold[0-9]*"]
 
 
-def run_files(run_dir):
+def run_files(run_dir: str) -> list[str]:
     """The names of the run files already in run_dir, sorted (files and folders of RUN_FILES)."""
     found = {os.path.basename(p) for pattern in RUN_FILES for p in glob.glob(os.path.join(run_dir, pattern))}
     return sorted(found)
 
 
-def clear_run(run_dir):
+def clear_run(run_dir: str) -> list[str]:
     """Remove the run files of an earlier run from run_dir (other files stay); returns the names removed."""
     removed = run_files(run_dir)
     for name in removed:
@@ -194,7 +201,7 @@ def clear_run(run_dir):
     return removed
 
 
-def remove_stale_temp_files(run_dir):
+def remove_stale_temp_files(run_dir: str) -> None:
     """A save killed mid-write (kill -9, power loss) leaves its temporary file behind, never a broken last.pt."""
     for path in glob.glob(os.path.join(run_dir, ".tmp-*.pt")):
         os.remove(path)
@@ -210,7 +217,7 @@ def epoch_copies(run_dir):
     return sorted(copies)
 
 
-def keep_epoch_copy(run_dir, epoch, keep):
+def keep_epoch_copy(run_dir: str, epoch: int, keep: int) -> None:
     """Keep last.pt as epoch-NNN.pt too (a hard link: no second write), then prune all but the newest `keep`."""
     if keep <= 0:
         return

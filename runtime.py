@@ -1,9 +1,12 @@
 """Where and how a run computes: the device, mixed precision, loader workers, and its random generators (seeding,
 per-process streams under torchrun, and the states that last.pt saves and a resumed run restores)."""
+from __future__ import annotations
+
 import os
 import random
 import signal
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -11,14 +14,17 @@ import torch
 import distributed
 from errors import UserError
 
+if TYPE_CHECKING:
+    from config import Config
 
-def seed_everything(seed):
+
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA too; loader workers derive their seeds from the torch generator
 
 
-def seed_worker(worker_id):
+def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -28,7 +34,7 @@ def seed_worker(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def pick_device(name):
+def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     if name == "auto":
@@ -36,14 +42,14 @@ def pick_device(name):
     return torch.device(name)
 
 
-def default_workers(requested):
+def default_workers(requested: int) -> int:
     if requested >= 0:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(16, cores - 1))  # the main process keeps a core for the device work
 
 
-def amp_dtype(cfg, device):
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or cfg.amp == "off":
         return None
     if cfg.amp == "auto":
@@ -51,11 +57,11 @@ def amp_dtype(cfg, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
 
-def autocast(device, dtype):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[None]:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def seed_rank_streams(seed, salt=0):
+def seed_rank_streams(seed: int, salt: int = 0) -> None:
     """Give each torchrun process a random stream of its own for the work drawn in the training loop (dropout,
     random erasing, the device-side colour draws, the mixing coin): with one shared stream, image j of every
     process's batch would get the same jitter, box and mask. The model is built before this, from --seed alone, so
@@ -69,12 +75,12 @@ def seed_rank_streams(seed, salt=0):
     torch.manual_seed(derived)  # seeds CUDA too
 
 
-def rank_rng_states():
+def rank_rng_states() -> list[dict[str, Any]] | None:
     """Every process's rng_state(), in rank order (called by all processes together), or None in a single one."""
     return distributed.gather(rng_state()) if distributed.active() else None
 
 
-def restore_rng(ckpt):
+def restore_rng(ckpt: dict[str, Any]) -> None:
     """Set this process's generators to where the saved run left them. Resumed with another number of processes
     (or from a checkpoint without per-process states) the other ranks draw fresh streams of their own, since the old
     ones no longer map onto the new processes."""
@@ -86,7 +92,7 @@ def restore_rng(ckpt):
     seed_rank_streams(ckpt["config"].get("seed", 0), salt=1 + ckpt["progress"].get("done", 0))
 
 
-def rng_state():
+def rng_state() -> dict[str, Any]:
     """Every global generator, as plain types and tensors (weights_only loading accepts them)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {

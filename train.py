@@ -11,6 +11,8 @@ Writes checkpoints/<run>/: last.pt, best.pt, config.json, history.csv, curves.pn
 (and tensorboard/ with --tensorboard).
 SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves last.pt and prints the command that resumes the run.
 """
+from __future__ import annotations
+
 import argparse
 import collections
 import contextlib
@@ -19,7 +21,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +34,8 @@ from tqdm import tqdm
 import distributed
 from checkpoint import best_checkpoint, load_resumable, save_atomic, training_checkpoint
 from config import Config, add_config_args, check_config, config_from_args
-from dataset import (build_train_val, check_images, center_crop, eval_crop, list_files, loader_options,
-                     not_images_note, to_float_batch)
+from dataset import (LabelledImages, build_train_val, check_images, center_crop, eval_crop, list_files,
+                     loader_options, not_images_note, to_float_batch)
 from augment import BatchAugment
 from ema import make_ema
 from errors import UserError, run_cli
@@ -54,7 +58,7 @@ NONFINITE_LIMIT = 5  # non-finite losses in a row that stop the run
 Loaders = collections.namedtuple("Loaders", "train val sampler")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune a torchvision ResNet-family classifier on an image-folder dataset "
                     "(DATA/train/<class>/, DATA/val/<class>/).")
@@ -79,7 +83,7 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace, dict[str, Any]]:
     args = build_parser().parse_args(argv)
     return config_from_args(args), args, given_settings(argv)
 
@@ -94,7 +98,7 @@ def given_settings(argv):
 
 # ---------------------------------------------------------------- setup
 
-def make_loaders(cfg, train_set, val_set, device):
+def make_loaders(cfg: Config, train_set: LabelledImages, val_set: LabelledImages, device: torch.device) -> Loaders:
     workers = default_workers(cfg.workers)
     # the loaders get generators of their own: starting an epoch draws nothing from the global generator, which a
     # resumed run sets back to where the stopped run left it
@@ -119,7 +123,7 @@ def micro_batch_size(cfg):
     return cfg.batch_size // cfg.accum_steps
 
 
-def setup_backends(cfg, device):
+def setup_backends(cfg: Config, device: torch.device) -> None:
     """cuDNN autotuning and TF32 on CUDA (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -127,7 +131,7 @@ def setup_backends(cfg, device):
         torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
-def prepare_model(model, cfg, device):
+def prepare_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
     """Move to the device in the chosen memory format and compile; any DDP wrapper must come after this."""
     if cfg.sync_bn:
         if device.type != "cuda":
@@ -138,7 +142,7 @@ def prepare_model(model, cfg, device):
     return torch.compile(model) if cfg.compile else model
 
 
-def build_optimizer(model, cfg):
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     """AdamW over the stage-wise parameter groups of finetune.py (learning rate and weight decay per group)."""
     return torch.optim.AdamW(param_groups(unwrap(model), cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                              **adamw_kernel(model))
@@ -158,7 +162,8 @@ def adamw_kernel(model):
     return {"fused": True} if on_cuda else {"foreach": True}
 
 
-def build_scheduler(optimizer, cfg, steps_per_epoch):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step cosine annealing to min_lr over the whole run (or --t-max epochs), after an optional warmup.
 
     Every group anneals from its own lr to min_lr scaled like it (min_lr * group lr / --lr), so a stage that starts
@@ -282,7 +287,8 @@ def micro_batch_groups(loader, n):
         yield group
 
 
-def train_step(run: Run, micro_batches, epoch: int, augment=None):
+def train_step(run: Run, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], epoch: int,
+               augment: BatchAugment | None = None) -> tuple[float, float, float]:
     """One optimiser step of run.trained over a list of (uint8 images, targets) micro-batches.
 
     Each micro-batch loss is weighted by its share of the step's images, so the summed gradient is the gradient of
@@ -319,7 +325,8 @@ def train_step(run: Run, micro_batches, epoch: int, augment=None):
     return value, correct, total
 
 
-def train_one_epoch(run: Run, loader, epoch: int, progress: Progress, stop: GracefulStop) -> bool:
+def train_one_epoch(run: Run, loader: torch.utils.data.DataLoader, epoch: int, progress: Progress,
+                    stop: GracefulStop) -> bool:
     """Train on the epoch's remaining batches, keeping `progress` current after every step so that last.pt can be
     written at any step. Returns False when a signal asked the run to stop."""
     cfg = run.cfg
@@ -383,7 +390,8 @@ def skip_nonfinite_step(value, progress, cfg, dtype, run_dir):
 
 
 @torch.no_grad()
-def evaluate(model, loader, run: Run, desc="val", stop=None):
+def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, run: Run, desc: str = "val",
+             stop: GracefulStop | None = None) -> dict[str, Any] | None:
     """Plain cross-entropy and accuracy of `model` on the centre crop, on run's device and precision; the loss does
     not change with the training loss. None when a signal asked the run to stop before the end."""
     model.eval()
@@ -666,7 +674,7 @@ def fit(run: Run, loaders, progress: Progress) -> int:
 
 # ---------------------------------------------------------------- main
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     cfg, args, given = parse_args(argv)
     if args.check_data:  # under torchrun the first process checks alone: the data are the same for all
         return check_data(cfg) if int(os.environ.get("RANK", 0)) == 0 else 0
