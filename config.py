@@ -183,7 +183,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> dict[str, argparse._Argu
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         kwargs = dict(dest=f.name, default=default, help=meta["help"] + " (default: %(default)s)")
-        if f.type is bool or isinstance(default, bool):
+        if f.type in (bool, "bool") or isinstance(default, bool):  # "bool": annotations are strings here
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = meta["type"] or type(default)

@@ -82,3 +82,31 @@ def test_one_module_writes_and_reads_checkpoints():
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                  and isinstance(node.func.value, ast.Name)}
         assert not calls & {"torch.save", "torch.load"}, f"{name}.py saves or loads a checkpoint itself"
+
+
+def names_used_across_modules():
+    """(module, name) for every name of one of our modules that another module imports or reads as module.name."""
+    used = set()
+    for path in SOURCES:
+        me, tree = os.path.splitext(os.path.basename(path))[0], parse(path)
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in MODULES and node.module != me:
+                used |= {(node.module, a.name) for a in node.names}
+            elif isinstance(node, ast.Import):
+                aliases.update({a.asname or a.name: a.name for a in node.names if a.name in MODULES and a.name != me})
+        used |= {(aliases[node.value.id], node.attr) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Name) and node.value.id in aliases}
+    return used
+
+
+def test_functions_that_other_modules_call_have_type_hints():
+    used = names_used_across_modules()
+    bare = []
+    for name, path in MODULES.items():
+        for node in parse(path).body:
+            if isinstance(node, ast.FunctionDef) and (name, node.name) in used:
+                args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                if node.returns is None or any(a.annotation is None for a in args if a.arg not in ("self", "cls")):
+                    bare.append(f"{name}.{node.name}")
+    assert len(used) > 80 and not bare, bare
