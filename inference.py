@@ -4,10 +4,12 @@
     python inference.py --checkpoint best.pt --test-dir photos/ --tta flip-crops --topk 5 --val-dir data/val
     python inference.py --checkpoint checkpoints/cv                            # ensemble of every best.pt below
     python inference.py --checkpoint best.pt --val-dir data/val --sweep-eval-size 224 256 288
+    python inference.py --checkpoint best.pt --export model.onnx       # or model.pt (TorchScript): see export.py
     torchrun --nproc_per_node=4 inference.py --checkpoint best.pt      # a large test folder on 4 GPUs
 
-prediction.csv has the header image_name,pred_label: every test image once, sorted by name, the name without its
-extension, the label being the class folder's own name. Only the checkpoint is needed: no train/ folder, no download.
+prediction.csv has the header image_name,pred_label (--csv-columns id,label names them otherwise): every test image
+once, sorted by name, the name without its extension, the label being the class folder's own name. Only the
+checkpoint is needed: no train/ folder, no download.
 Several checkpoints (or a folder of runs) make an ensemble: their softmaxes, each averaged over its TTA views, are
 averaged; they must share the class list. Under torchrun every process predicts its own contiguous share of the
 images, and the first one gathers them and writes the same files as a single process would.
@@ -32,6 +34,7 @@ from dataset import FlatImages, LabelledImages, center_crop, eval_crop, eval_tra
     loader_options, to_float_batch
 from checkpoint import load_checkpoint, select_weights
 from errors import UserError, run_cli
+from export import export_members
 from model import build_model, short_list
 from report import Labelled, write_report
 from runtime import amp_dtype, autocast, default_workers, pick_device
@@ -52,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="dataset root whose test/ folder is read (default: %(default)s)")
     p.add_argument("--test-dir", default=None, help="folder of test images; overrides --data-dir/test")
     p.add_argument("--output", default="prediction.csv", help="CSV to write (default: %(default)s)")
+    add_file_args(p)
     p.add_argument("--tta", choices=TTA_MODES, default="flip",
                    help="deterministic test-time augmentation, softmax averaged over the views: none = centre crop; "
                         "flip = centre crop + its mirror; flip-crops = those two, the whole resized square and its "
@@ -94,6 +98,27 @@ def parse_args(argv=None):
     if args.report is not None and not args.val_dir:
         p.error("--report needs --val-dir (a labelled folder to measure the model on)")
     return args
+
+
+def add_file_args(p):
+    """What is written: the prediction CSV's header, or instead of predictions an exported model (export.py)."""
+    p.add_argument("--csv-columns", type=csv_columns, default="image_name,pred_label", metavar="ID,LABEL",
+                   help="header of the prediction CSV: the image name's column, then the label's, as another "
+                        "competition asks, e.g. id,label (default: %(default)s)")
+    p.add_argument("--export", default=None, metavar="FILE",
+                   help="instead of predicting, write the checkpoint (or the ensemble) to FILE as ONNX (.onnx, needs "
+                        "the onnx package) or TorchScript (.pt): uint8 centre crops in, softmax probabilities out, "
+                        "with --tta none or flip baked in, normalisation inside, eval size, class names and chosen "
+                        "weights in the file's metadata (README: Exporting a model)")
+
+
+def csv_columns(text):
+    """'id,label' -> ('id', 'label'): two different, non-empty column names."""
+    names = tuple(name.strip() for name in text.split(","))
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        raise UserError(f"--csv-columns {text!r}: give two different column names separated by a comma, the image "
+                        "name's first, e.g. id,label")
+    return names
 
 
 # ---------------------------------------------------------------- model
@@ -233,22 +258,23 @@ def ensemble_probs(members, make_dataset, args, device, mode, desc):
 
 # ---------------------------------------------------------------- outputs
 
-def write_predictions(names, probs, classes, path):
+def write_predictions(names, probs, classes, path, columns=("image_name", "pred_label")):
+    """One row per image, sorted by name; columns: the header (--csv-columns), the name's column first."""
     labels = [classes[i] for i in probs.argmax(1)]
-    df = pd.DataFrame({"image_name": names, "pred_label": labels}).sort_values("image_name", kind="stable")
+    df = pd.DataFrame({columns[0]: names, columns[1]: labels}).sort_values(columns[0], kind="stable")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     df.to_csv(path, index=False)
     return df
 
 
-def write_topk(names, probs, classes, k, path):
+def write_topk(names, probs, classes, k, path, name_column="image_name"):
     k = min(k, probs.shape[1])
     top = np.argsort(-probs, axis=1)[:, :k]
-    df = pd.DataFrame({"image_name": names})
+    df = pd.DataFrame({name_column: names})
     for j in range(k):
         df[f"label_{j + 1}"] = [classes[i] for i in top[:, j]]
         df[f"prob_{j + 1}"] = probs[np.arange(len(names)), top[:, j]].round(6)
-    df.sort_values("image_name", kind="stable").to_csv(path, index=False)
+    df.sort_values(name_column, kind="stable").to_csv(path, index=False)
 
 
 def val_probs(members, classes, val_dir, args, device, mode):
@@ -310,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     for _, cfg, source, path, _ in members:
         print(f"{path}: {cfg.arch} ({source} weights), eval size {eval_crop(cfg)}, crop ratio {cfg.eval_crop_ratio:g}")
     print(f"{len(members)} model(s), {len(classes)} classes, TTA {args.tta}, device {device}")
+    if args.export:  # one file: under torchrun the first process writes it
+        return export_members(members, classes, args.export, args.tta) if distributed.is_main() else 0
     if args.val_dir:
         validate(members, classes, args.val_dir, args, device)
 
@@ -329,12 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         probs = np.concatenate([probs, np.tile(prior, (len(missing), 1))])
         print(f"warning: {len(missing)} unreadable test image(s) predicted as the most frequent training class "
               f"{classes[int(prior.argmax())]}: {', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}")
-    df = write_predictions(names, probs, classes, args.output)
-    print(f"wrote {args.output}: {len(df)} images, {df['pred_label'].nunique()} distinct labels")
+    df = write_predictions(names, probs, classes, args.output, args.csv_columns)
+    print(f"wrote {args.output}: {len(df)} images, {df[args.csv_columns[1]].nunique()} distinct labels")
     if args.topk:
         stem, ext = os.path.splitext(args.output)
         top_path = f"{stem}_top{args.topk}{ext or '.csv'}"
-        write_topk(names, probs, classes, args.topk, top_path)
+        write_topk(names, probs, classes, args.topk, top_path, args.csv_columns[0])
         print(f"wrote {top_path}")
     return 0
 

@@ -5,6 +5,7 @@
 
     python train.py --resume checkpoints/<run>/last.pt   # carry on where a stopped run left off, bit for bit
     python train.py --data-dir data --check-data          # only decode every image once and list the bad ones
+    python train.py --data-dir data --run-name mine --find-lr   # LR sweep: lr_find.png and a suggested --lr
     torchrun --nproc_per_node=4 train.py --lr-scale linear   # one process per GPU (README: Multiple GPUs)
 
 Writes checkpoints/<run>/: last.pt, best.pt, config.json, history.csv, curves.png, confusion_matrix.png/.csv
@@ -42,6 +43,7 @@ from errors import UserError, run_cli
 from finetune import backbone_frozen, param_groups, reported_lr, set_backbone_frozen
 from folds import fold_datasets, run_all_folds, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
+from lr_finder import add_finder_args, find_lr, finder_run
 from mix import build_mixer, count_correct
 from model import build_model, count_params, short_list, unwrap
 from plots import plot_confusion, plot_curves
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--check-data", action="store_true",
                       help="only decode every train/val/test image once, list the unreadable ones and exit "
                            "(non-zero when more than --max-bad-frac of train+val are unreadable)")
+    add_finder_args(parser)
     return parser
 
 
@@ -679,10 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_data:  # under torchrun the first process checks alone: the data are the same for all
         return check_data(cfg) if int(os.environ.get("RANK", 0)) == 0 else 0
     device = distributed.setup(pick_device(cfg.device))  # first: the first process names the run for all
-    if cfg.all_folds:
+    if cfg.all_folds and not args.find_lr:  # the finder sweeps on one fold's training part
         check_config(cfg)
         return run_all_folds(main, argv, cfg, folds_parent(cfg, args.overwrite))
-    cfg, run_dir, ckpt = open_run(cfg, args, given)
+    cfg, run_dir, ckpt = finder_run(cfg, args) if args.find_lr else open_run(cfg, args, given)
     print_warnings(cfg, device)
     seed_everything(cfg.seed)
 
@@ -696,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt:
         progress = resume_training(ckpt, run, progress, steps_per_epoch)
     describe(run, train_set, val_set)
-    return fit(run, loaders, progress)
+    return find_lr(run, loaders, train_step, args, argv) if args.find_lr else fit(run, loaders, progress)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""inference.py --export: the ONNX and TorchScript files give PyTorch's predictions on the sample test set, carry
+what a user needs in their metadata, and every mistake is one line."""
+import json
+import os
+import sys
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import inference
+from conftest import SAMPLE, one_line_error, run_main, run_script
+from dataset import FlatImages, center_crop, eval_transform
+from export import loaded_metadata, quiet_exporters
+
+CPU = torch.device("cpu")
+
+
+def sample_test_crops(crop, resize, ratio):
+    """The sample test set as inference.py reads it: the resized squares, and their centre crops, which the
+    exported model takes (resize the short side to `resize`, centre crop `crop`, uint8)."""
+    dataset = FlatImages(os.path.join(SAMPLE, "test"), eval_transform(crop, ratio), draft_size=resize)
+    squares = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    assert squares.dtype == torch.uint8 and squares.shape[-1] == resize
+    return squares, center_crop(squares, crop).contiguous()
+
+
+def run_exported(path, crops):
+    if path.endswith(".onnx"):
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["images"]
+        return session.run(["probs"], {"images": crops.numpy()})[0]
+    with quiet_exporters(), torch.no_grad():
+        return torch.jit.load(path, map_location="cpu")(crops).numpy()
+
+
+@pytest.mark.parametrize("ext,tta", [(".onnx", "flip"), (".pt", "flip"), (".onnx", "none")])
+def test_exported_model_gives_pytorchs_predictions(trained_run, tmp_path, ext, tta):
+    run_dir, _ = trained_run
+    checkpoint, path = str(run_dir / "best.pt"), str(tmp_path / f"model{ext}")
+    proc = run_script("inference.py", "--checkpoint", checkpoint, "--export", path, "--tta", tta, "--workers", 0)
+    assert f"wrote {path}: " in proc.stdout and "checked:" in proc.stdout and "prediction" not in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr  # the exporters' deprecation notices are not the user's business
+
+    meta = loaded_metadata(path)
+    model, cfg, classes, source, _ = inference.load_model(checkpoint, "best", CPU)
+    assert json.loads(meta["classes"]) == classes == [str(i) for i in range(10)]
+    assert (meta["eval_size"], meta["resize"], meta["eval_crop_ratio"]) == ("32", "37", "0.875")
+    assert meta["weights"] == source and meta["tta"] == tta and meta["arch"] == "resnet18"
+    assert json.loads(meta["normalisation"])["mean"] == [0.485, 0.456, 0.406]
+    assert "uint8" in meta["input"] and "softmax" in meta["output"]
+
+    squares, crops = sample_test_crops(int(meta["eval_size"]), int(meta["resize"]), cfg.eval_crop_ratio)
+    expected = inference.predict_probs(model, squares, CPU, cfg.eval_size or cfg.img_size, tta).numpy()
+    got = run_exported(path, crops)
+    assert got.shape == expected.shape == (50, 10)
+    assert np.array_equal(got.argmax(1), expected.argmax(1))
+    assert np.abs(got - expected).max() < 1e-4
+    assert np.allclose(got.sum(1), 1, atol=1e-5)
+
+
+def test_exported_ensemble_averages_its_members(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    path = str(tmp_path / "pair.onnx")
+    run_script("inference.py", "--checkpoint", run_dir / "best.pt", run_dir / "last.pt", "--export", path,
+               "--tta", "none", "--workers", 0)
+    meta = loaded_metadata(path)
+    assert len(json.loads(meta["checkpoints"])) == 2 and "averaged over 2 models" in meta["output"]
+    squares, crops = sample_test_crops(32, 37, 0.875)
+    expected = np.mean([inference.predict_probs(inference.load_model(str(run_dir / f), "best", CPU)[0], squares,
+                                                CPU, 32, "none").numpy() for f in ("best.pt", "last.pt")], axis=0)
+    assert np.abs(run_exported(path, crops) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--export", "model.txt"], "must end in .onnx (ONNX) or .pt (TorchScript)"),
+    (["--export", "model.onnx", "--tta", "flip-crops"], "--tta flip-crops cannot be exported"),
+    (["--export", "{best}"], "would overwrite the checkpoint it exports"),
+])
+def test_export_mistakes_are_one_line(trained_run, tmp_path, capsys, monkeypatch, extra, expected):
+    run_dir, _ = trained_run
+    monkeypatch.chdir(tmp_path)
+    best = str(run_dir / "best.pt")
+    code, _, err = run_main(inference.main, ["--checkpoint", best, *[e.format(best=best) for e in extra]], capsys)
+    assert expected in one_line_error(code, err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_without_onnx_says_what_to_install(trained_run, tmp_path, capsys, monkeypatch):
+    run_dir, _ = trained_run
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if it were not installed: importing it fails
+    code, _, err = run_main(inference.main, ["--checkpoint", run_dir / "best.pt", "--export", tmp_path / "m.onnx"],
+                            capsys)
+    assert one_line_error(code, err) == "error: ONNX export needs the onnx package: pip install onnx onnxruntime"
+    assert not (tmp_path / "m.onnx").exists()
