@@ -53,6 +53,12 @@ def batch_augment_on(cfg):
     return cfg.augment_on == "batch"
 
 
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """torchvision's mode for a config's interpolation; '' (a config not resolved against its model yet, as in a
+    bare Config()) is torchvision's default, bilinear."""
+    return v2.InterpolationMode(name or "bilinear")
+
+
 def train_transform(cfg: Config) -> v2.Compose:
     """The train augmentation of --aug, every number from the config; output is a uint8 CHW tensor.
 
@@ -69,7 +75,8 @@ def train_transform(cfg: Config) -> v2.Compose:
         raise UserError("--aug policy needs a policy: add --auto-augment ta_wide, rand-m9, augmix or imagenet")
     if cfg.aug != "policy" and cfg.auto_augment != "none":
         raise UserError(f"--auto-augment {cfg.auto_augment} replaces the hand-tuned list: add --aug policy")
-    crop_and_flip = [v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale), antialias=True),
+    crop_and_flip = [v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale),
+                                          interpolation=interpolation_mode(cfg.interpolation), antialias=True),
                      v2.RandomHorizontalFlip(cfg.hflip)]
     if cfg.aug == "light":
         steps = crop_and_flip

@@ -30,7 +30,7 @@ from dataset import (IMAGENET_MEAN, IMAGENET_STD, LabelledImages, build_train_va
 from errors import run_cli
 from inference import TTA_MODES, predict_probs
 from losses import TrainLoss
-from model import build_model
+from model import build_model, resolve_data
 from plots import confusion_counts, pyplot, save_figure
 from resume import GracefulStop, Progress
 from run import Run
@@ -332,7 +332,6 @@ def inference_rates(cfg, data_dir, device):
     model = build_model(cfg.arch, len(dataset.classes), "none", cfg.head, cfg.head_dropout).to(device).eval()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    dtype = amp_dtype(cfg, device)
     rows = []
     for mode in TTA_MODES:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
@@ -340,7 +339,7 @@ def inference_rates(cfg, data_dir, device):
 
         def run():
             for images, _, _ in loader:
-                predict_probs(model, images, device, cfg.img_size, mode, dtype)
+                predict_probs(model, images, device, cfg, mode)
         rows.append(row("inference", f"TTA {mode}", len(dataset) / timed(run, device)))
     return rows
 
@@ -361,8 +360,9 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     device = pick_device(args.device)
-    cfg = Config(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=args.amp, device=args.device,
-                 channels_last=not args.no_channels_last, compile=args.compile, workers=-1)
+    cfg = resolve_data(Config(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=args.amp,
+                              device=args.device, channels_last=not args.no_channels_last, compile=args.compile,
+                              workers=-1))
     worker_counts = args.workers if args.workers is not None else sorted({0, default_workers(-1)})
     threads = torch.get_num_threads()
     meta = dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),

@@ -9,7 +9,10 @@ best.pt, the weights of the best epoch (what inference.py reads):
     source         "raw" or "ema"
     epoch          the epoch, counted from 1; scores: its history.csv row
     classes        the class folder names, in the order of the head's outputs; class_counts: train images per class
-    config         the run's Config as a dict; torch_version
+    config         the run's Config as a dict, its input settings resolved against the model: img_size,
+                   eval_size, eval_crop_ratio, mean, std and interpolation hold the values the run used (the model's
+                   pretrained config's where no flag set them), which inference.py feeds the model again; files
+                   written before those were stored lack mean/std/interpolation and get torchvision's; torch_version
 
 last.pt (and its epoch-NNN.pt copies), everything a resumed run needs:
     model, ema     the raw weights and the EMA's (None without --ema); ema_updates: the EMA's update count
@@ -18,7 +21,8 @@ last.pt (and its epoch-NNN.pt copies), everything a resumed run needs:
     rng            rank 0's python/numpy/torch/CUDA generator states; rng_ranks: every process's, under torchrun
     epoch          epochs completed (when progress.step is 0); classes, class_counts, config, torch_version
 
-A weights file for --weights is read by read_state_dict: a torchvision state_dict, or the `model` entry of ours.
+A weights file for --weights is read by read_state_dict: a torchvision or timm state_dict (torch.save'd .pth/.bin,
+or .safetensors; also under a 'state_dict' entry, as timm's training scripts save it), or the `model` entry of ours.
 """
 from __future__ import annotations
 
@@ -149,16 +153,23 @@ def select_weights(ckpt: dict[str, Any], which: str, path: str) -> tuple[dict[st
 
 
 def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, info) from a torchvision-format file or one of our checkpoints (its 'model' entry); info holds
-    the checkpoint's arch and class names when it is one of ours."""
+    """(state_dict, info) from a torchvision- or timm-format file (.safetensors too) or one of our checkpoints (its
+    'model' entry); info holds the checkpoint's arch and class names when it is one of ours."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file  # tensors only by design, like weights_only
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read weights file {path}: {(str(e).splitlines() or [type(e).__name__])[0]}") \
+            from None
     info = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         info = {"arch": (obj.get("config") or {}).get("arch"), "classes": obj.get("classes")}
         obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} holds no state_dict of tensors")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}, info

@@ -45,13 +45,18 @@ class Config:
                               "(0: only last.pt)", group="checkpoints")
 
     # model
-    arch: str = opt("resnext101_32x8d", "torchvision ResNet-family backbone: resnet18, resnet34, resnet50, resnet101, "
+    arch: str = opt("resnext101_32x8d", "backbone: a torchvision ResNet (resnet18, resnet34, resnet50, resnet101, "
                                         "resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, "
-                                        "wide_resnet50_2 or wide_resnet101_2 (sizes: python model.py --list)",
+                                        "wide_resnet50_2, wide_resnet101_2), or any model of timm's ResNet family, "
+                                        "with or without its pretrained tag (seresnextaa101d_32x8d.sw_in12k_ft_in1k_288, "
+                                        "resnet50d; timm/NAME for a name torchvision also has); sizes and tags: "
+                                        "python model.py --list",
                     group="model")
-    weights: str = opt("default", "'default' (torchvision ImageNet weights, cached in the torch hub folder), "
-                                  "a torchvision enum name such as IMAGENET1K_V1, 'none' (from scratch), "
-                                  "or a local FILE (torchvision state_dict or one of our checkpoints)", group="model")
+    weights: str = opt("default", "'default' (the pretrained weights: torchvision's ImageNet ones, cached in the "
+                                  "torch hub folder, or those of the timm tag, cached by the Hugging Face hub), a "
+                                  "torchvision enum name such as IMAGENET1K_V1, 'none' (from scratch), or a local "
+                                  "FILE (a torchvision or timm state_dict, .pth/.bin/.safetensors, or one of our "
+                                  "checkpoints)", group="model")
     head: str = opt("mlp", "classifier head: 4-layer MLP with BatchNorm and dropout, or one Linear layer",
                     choices=["mlp", "linear"], group="model")
     head_dropout: list = opt([0.4, 0.3, 0.2], "dropout of the three hidden MLP layers", group="model",
@@ -66,8 +71,9 @@ class Config:
     lr: float = opt(5e-5, "AdamW peak learning rate")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     head_lr_mult: float = opt(1.0, "learning-rate multiplier for the classifier head")
-    layer_decay: float = opt(1.0, "learning-rate decay per backbone stage, from layer4 (x1) down to the stem "
-                                  "(x decay^4); 1 = one learning rate for the whole backbone")
+    layer_decay: float = opt(1.0, "learning-rate decay per backbone stage, from the top stage (x1) down to the stem "
+                                  "(x decay^4 for a torchvision ResNet; a timm model's stages are those its "
+                                  "group_matcher names); 1 = one learning rate for the whole backbone")
     freeze_epochs: int = opt(0, "train only the head for this many epochs (backbone frozen, its BatchNorm in eval "
                                 "mode), then unfreeze")
     decay_norm_bias: bool = opt(False, "also apply weight decay to normalisation weights and biases, as the seed "
@@ -132,9 +138,22 @@ class Config:
     ema_start_epoch: int = opt(0, "first epoch whose EMA weights are validated and may become best", group="ema")
 
     # augmentation (train); evaluation is resize + centre crop
-    img_size: int = opt(224, "train crop size; evaluation sizes follow it", group="augmentation")
-    eval_size: int = opt(0, "evaluation centre-crop size; 0 = --img-size", group="augmentation")
-    eval_crop_ratio: float = opt(0.875, "evaluation: centre crop = resize * ratio (224/256)", group="augmentation")
+    img_size: int = opt(0, "train crop size; evaluation sizes follow it; 0 = the model's own (224 for a torchvision "
+                           "arch, a timm model's pretrained input size, e.g. 288 for ..._288)", group="augmentation")
+    eval_size: int = opt(0, "evaluation centre-crop size; 0 = the model's own test size when --img-size is the "
+                            "model's own too (e.g. 320 for seresnextaa101d_32x8d.sw_in12k_ft_in1k_288), else "
+                            "--img-size", group="augmentation")
+    eval_crop_ratio: float = opt(0.0, "evaluation: centre crop = resize * ratio; 0 = the model's own (224/256 = "
+                                      "0.875 for a torchvision arch; a timm model's crop_pct, or its test_crop_pct "
+                                      "at its test size)", group="augmentation")
+    interpolation: str = opt("", "resize interpolation of the crops and the evaluation resize; empty = the model's "
+                                 "own (bilinear for a torchvision arch, a timm model's pretrained config's)",
+                             choices=["bilinear", "bicubic"], group="augmentation")
+    mean: list = opt([], "input normalisation mean, R G B in 0..1; empty = the model's own (ImageNet's for a "
+                         "torchvision arch, a timm model's pretrained config's)", group="augmentation", nargs=3,
+                     type=float)
+    std: list = opt([], "input normalisation standard deviation, R G B; empty = the model's own",
+                    group="augmentation", nargs=3, type=float)
     aug: str = opt("seed", "train augmentation: seed = the hand-tuned list below; policy = random resized crop, "
                            "flip and the --auto-augment policy; light = random resized crop and flip only",
                    choices=["seed", "policy", "light"], group="augmentation")
@@ -218,15 +237,18 @@ def check_ranges(cfg):
     def need(ok, message):
         if not ok:
             raise UserError(message)
-    for name in ("epochs", "batch_size", "img_size", "accum_steps"):
+    for name in ("epochs", "batch_size", "accum_steps"):
         need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1 (it is {getattr(cfg, name)})")
+    need(cfg.img_size >= 0, f"--img-size must be at least 1, or 0 for the model's own (it is {cfg.img_size})")
+    need(not cfg.std or min(cfg.std) > 0, "--std takes three standard deviations above 0")
     for name in ("lr", "ema_decay", "class_weights_beta"):
         need(getattr(cfg, name) > 0, f"{flag(name)} must be above 0 (it is {getattr(cfg, name):g})")
     for name in ("hflip", "grayscale", "blur", "erasing", "mix_prob", "mix_switch_prob", "label_smoothing",
                  "focal_blend", "ema_decay", "max_bad_frac"):
         need(0 <= getattr(cfg, name) <= 1, f"{flag(name)} must lie in [0, 1] (it is {getattr(cfg, name):g})")
-    need(0 < cfg.eval_crop_ratio <= 1, f"--eval-crop-ratio {cfg.eval_crop_ratio:g} must lie in (0, 1]: it is crop / "
-                                       "resize, e.g. 224/256 = 0.875 (a ratio above 1 would crop outside the image)")
+    need(0 <= cfg.eval_crop_ratio <= 1, f"--eval-crop-ratio {cfg.eval_crop_ratio:g} must lie in (0, 1], or be 0 for "
+                                        "the model's own: it is crop / resize, e.g. 224/256 = 0.875 (a ratio above 1 "
+                                        "would crop outside the image)")
     need(0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, f"--rrc-scale {cfg.rrc_scale[0]:g} {cfg.rrc_scale[1]:g}: "
                                                         "need 0 < low <= high <= 1 (shares of the image area)")
     need(cfg.blur_kernel >= 1 and cfg.blur_kernel % 2 == 1, f"--blur-kernel {cfg.blur_kernel} must be odd and >= 1")

@@ -27,12 +27,10 @@ from torchvision.transforms import v2
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from augment import BatchAugment, random_erasing, train_transform
+from augment import BatchAugment, interpolation_mode, random_erasing, train_transform
 from config import Config, add_config_args, config_from_args
 from errors import UserError, run_cli
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from model import IMAGENET_MEAN, IMAGENET_STD, resolve_data
 
 
 def decodable_extensions():
@@ -384,13 +382,14 @@ def eval_sizes(img_size: int, crop_ratio: float) -> tuple[int, int]:
     return int(round(img_size / crop_ratio)), img_size
 
 
-def eval_transform(img_size: int, crop_ratio: float) -> v2.Compose:
+def eval_transform(img_size: int, crop_ratio: float, interpolation: str = "bilinear") -> v2.Compose:
     """Resize the short side and centre-crop a square of that side; the model's centre crop is taken per batch.
 
     Keeping the larger square lets test-time augmentation cut its other views from the same decoded tensor.
     """
     resize, _ = eval_sizes(img_size, crop_ratio)
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(resize), v2.PILToTensor()])
+    return v2.Compose([v2.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
+                       v2.CenterCrop(resize), v2.PILToTensor()])
 
 
 def center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -401,18 +400,24 @@ def center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
     return batch[..., top:top + size, left:left + size]
 
 
+def normalisation(cfg: Config) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) of the model's input: the config's (resolved from the model, or set by flags), else ImageNet's."""
+    return tuple(cfg.mean) or IMAGENET_MEAN, tuple(cfg.std) or IMAGENET_STD
+
+
 def to_float_batch(batch: torch.Tensor, device: torch.device, erasing: float = 0.0,
-                   augment: BatchAugment | None = None, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW on any device -> normalised float on `device`; training adds the batch augmentation and
-    per-image random erasing (after normalisation, as the seed's RandomErasing)."""
+                   augment: BatchAugment | None = None, channels_last: bool = False,
+                   norm: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> torch.Tensor:
+    """uint8 NCHW on any device -> float on `device`, normalised with norm = (mean, std); training adds the batch
+    augmentation and per-image random erasing (after normalisation, as the seed's RandomErasing)."""
     x = batch.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)  # on the uint8 tensor: a quarter of the bytes
     x = x.float().div_(255)
     if augment is not None:
         x = augment(x)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(norm[0], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(norm[1], device=device).view(1, 3, 1, 1)
     x = x.sub_(mean).div_(std)
     if erasing > 0:
         x = random_erasing(x, erasing)
@@ -420,13 +425,15 @@ def to_float_batch(batch: torch.Tensor, device: torch.device, erasing: float = 0
 
 
 def build_train_val(cfg: Config) -> tuple[LabelledImages, LabelledImages, list[str]]:
-    """Datasets for train/ and val/ with the class list of train/; val must use the same class names."""
+    """Datasets for train/ and val/ with the class list of train/; val must use the same class names. The sizes and
+    interpolation are the model's own where the config leaves them to it."""
     train_dir, val_dir = os.path.join(cfg.data_dir, "train"), os.path.join(cfg.data_dir, "val")
     if not os.path.isdir(cfg.data_dir):
         raise UserError(f"no such data folder: {cfg.data_dir} (expected {cfg.data_dir}/train/<class>/ and "
                         f"{cfg.data_dir}/val/<class>/)")
     classes = find_classes(train_dir)
     val_classes = find_classes(val_dir)
+    cfg = resolve_data(cfg)
     unknown = sorted(set(val_classes) - set(classes))
     if unknown:
         raise UserError(f"{val_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}")
@@ -434,8 +441,8 @@ def build_train_val(cfg: Config) -> tuple[LabelledImages, LabelledImages, list[s
     draft = eval_sizes(eval_crop(cfg), cfg.eval_crop_ratio)[0]
     cache = (cfg.cache, cache_side(max(cfg.img_size, eval_crop(cfg)), cfg.eval_crop_ratio)) if cfg.cache else None
     train = LabelledImages(train_dir, classes, train_transform(cfg), cache=cache)
-    val = LabelledImages(val_dir, classes, eval_transform(eval_crop(cfg), cfg.eval_crop_ratio), draft_size=draft,
-                         cache=cache)
+    val = LabelledImages(val_dir, classes, eval_transform(eval_crop(cfg), cfg.eval_crop_ratio, cfg.interpolation),
+                         draft_size=draft, cache=cache)
     for split in (train, val):
         if split.not_images:
             print(f"warning: {split.root} holds {not_images_note(split.not_images)}; skipped")
@@ -468,8 +475,8 @@ def preview_grid(dataset: LabelledImages, cfg: Config, images: int = 8, views: i
     """
     # the whole list per image, as on CPU: on CUDA the same colour steps run per batch, with the same distribution
     augment = train_transform(dataclasses.replace(cfg, augment_on="loader"))
-    evaluate = eval_transform(cfg.img_size, cfg.eval_crop_ratio)
-    erase = v2.RandomErasing(p=cfg.erasing, value=[round(255 * m) for m in IMAGENET_MEAN])
+    evaluate = eval_transform(cfg.img_size, cfg.eval_crop_ratio, cfg.interpolation)
+    erase = v2.RandomErasing(p=cfg.erasing, value=[round(255 * m) for m in normalisation(cfg)[0]])
     tiles = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -494,7 +501,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.images < 1 or args.views < 1:
         parser.error("--images and --views must be at least 1")
-    cfg = config_from_args(args)
+    cfg = resolve_data(config_from_args(args))
     dataset = LabelledImages(args.preview, find_classes(args.preview), transform=None)
     grid = preview_grid(dataset, cfg, args.images, args.views)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

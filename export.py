@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD, eval_crop, eval_sizes
+from dataset import eval_crop, eval_sizes, normalisation
 from errors import UserError
 
 FORMATS = {".onnx": "ONNX", ".pt": "TorchScript"}
@@ -55,18 +55,20 @@ class Exported(torch.nn.Module):
     """uint8 centre crops (N, 3, S, S) -> softmax probabilities (N, C), the mean over the models and, with flip,
     over each crop and its mirror: inference.predict_probs for one batch, normalisation included."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], flip: bool):
+    def __init__(self, models: Sequence[torch.nn.Module], norms: Sequence[tuple], flip: bool):
         super().__init__()
         self.models, self.flip = torch.nn.ModuleList(models), flip
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        # each model's own input normalisation (a timm model may have its own mean and std)
+        self.register_buffer("means", torch.tensor([list(mean) for mean, _ in norms]).view(len(norms), 1, 3, 1, 1))
+        self.register_buffer("stds", torch.tensor([list(std) for _, std in norms]).view(len(norms), 1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # the operations of dataset.to_float_batch in its order, so the float rounding matches inference.py's
-        x = (images.float() / 255 - self.mean) / self.std
-        views = torch.cat([x, x.flip(-1)]) if self.flip else x
+        scaled = images.float() / 255
         total = None
-        for model in self.models:
+        for i, model in enumerate(self.models):
+            x = (scaled - self.means[i]) / self.stds[i]
+            views = torch.cat([x, x.flip(-1)]) if self.flip else x
             probs = model(views).softmax(1)
             probs = probs.view(-1, images.shape[0], probs.shape[1]).mean(0)  # (views, N, C) -> (N, C)
             total = probs if total is None else total + probs
@@ -79,12 +81,13 @@ def export_members(members: Sequence[Any], classes: Sequence[str], path: str, tt
     fmt = export_format(path, [m.path for m in members], tta)
     onnx = require("onnx", "ONNX export needs the onnx package: pip install onnx onnxruntime") \
         if fmt == "ONNX" else None
-    sizes = {(eval_crop(m.cfg), m.cfg.eval_crop_ratio) for m in members}
+    sizes = {(eval_crop(m.cfg), m.cfg.eval_crop_ratio, m.cfg.interpolation) for m in members}
     if len(sizes) > 1:
         raise UserError(f"the checkpoints are evaluated at different sizes ({sorted(sizes)}): an exported ensemble "
                         "takes one input size; pass --eval-size and --eval-crop-ratio to set one for all")
-    crop, ratio = sizes.pop()
-    wrapper = Exported([m.model.float().cpu().eval() for m in members], flip=tta == "flip").eval()
+    crop, ratio, _ = sizes.pop()
+    wrapper = Exported([m.model.float().cpu().eval() for m in members], [normalisation(m.cfg) for m in members],
+                       flip=tta == "flip").eval()
     meta = metadata(members, classes, crop, ratio, tta)
     example = torch.randint(0, 256, (2, 3, crop, crop), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -120,6 +123,15 @@ def require(module: str, message: str) -> ModuleType:
         raise UserError(message) from None
 
 
+def normalisation_metadata(members: Sequence[Any]) -> dict[str, Any]:
+    """The mean and std the graph applies: one pair when the models share it, else one per model, in their order."""
+    norms = [tuple(map(list, normalisation(m.cfg))) for m in members]
+    shared = all(n == norms[0] for n in norms)
+    means, stds = ([norms[0][0]], [norms[0][1]]) if shared else ([n[0] for n in norms], [n[1] for n in norms])
+    return {"mean": means[0] if shared else means, "std": stds[0] if shared else stds, "scale": "1/255",
+            "applied": "inside the graph: (images / 255 - mean) / std" + ("" if shared else ", per model")}
+
+
 def metadata(members: Sequence[Any], classes: Sequence[str], crop: int, ratio: float, tta: str) -> dict[str, str]:
     """What a user of the file needs to feed it and read it, as strings (ONNX metadata_props holds strings)."""
     resize = eval_sizes(crop, ratio)[0]
@@ -127,7 +139,7 @@ def metadata(members: Sequence[Any], classes: Sequence[str], crop: int, ratio: f
     return {
         "classes": json.dumps(list(classes)),
         "input": f"images: uint8 RGB, shape (N, 3, {crop}, {crop}), channels first: resize the short side to "
-                 f"{resize} px (bilinear, antialiased), take the centre {resize}x{resize} square, then its centre "
+                 f"{resize} px ({first.interpolation or 'bilinear'}, antialiased), take the centre {resize}x{resize} square, then its centre "
                  f"{crop}x{crop} crop; do not normalise",
         "output": "probs: float32, shape (N, number of classes), softmax probabilities in the order of classes"
                   + (", averaged over the image and its horizontal mirror" if tta == "flip" else "")
@@ -135,8 +147,7 @@ def metadata(members: Sequence[Any], classes: Sequence[str], crop: int, ratio: f
         "eval_size": str(crop),
         "resize": str(resize),
         "eval_crop_ratio": f"{ratio:g}",
-        "normalisation": json.dumps({"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "1/255",
-                                     "applied": "inside the graph: (images / 255 - mean) / std"}),
+        "normalisation": json.dumps(normalisation_metadata(members)),
         "tta": tta,
         "weights": ",".join(m.source for m in members),
         "arch": ",".join(dict.fromkeys(m.cfg.arch for m in members)),

@@ -1,47 +1,43 @@
 """How a pretrained backbone is fine-tuned: learning rate per stage, which tensors decay, a frozen warm start.
 
-The optimiser gets one parameter group per (stage, decays or not). A ResNet's stages, from the input: the stem
-(conv1, bn1), layer1 .. layer4, then our head (fc). With --layer-decay d, layer4 trains at --lr and each stage below
-at d times the one above (the stem at lr * d^4): early filters are generic and need to move least. The head trains at
-lr * --head-lr-mult. Normalisation weights and biases (every 1-d tensor) get no weight decay by default: decaying
-them only shrinks BatchNorm's scales towards zero and does not regularise the function.
+The optimiser gets one parameter group per (stage, decays or not). The stages come from the model
+(model.backbone_stages): a torchvision ResNet's are, from the input, the stem (conv1, bn1) and layer1 .. layer4; a
+timm model's are the groups of its own group_matcher (the stem, one group per stage, and a final norm where the
+model has one). Our head (fc) comes last. With --layer-decay d, the top stage trains at --lr and each stage below at
+d times the one above (a torchvision stem at lr * d^4): early filters are generic and need to move least. The head
+trains at lr * --head-lr-mult. Normalisation weights and biases (every 1-d tensor) get no weight decay by default:
+decaying them only shrinks BatchNorm's scales towards zero and does not regularise the function.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from model import backbone_stages
 
 if TYPE_CHECKING:
     import torch
 
     from config import Config
 
-BACKBONE_STAGES = ["layer4", "layer3", "layer2", "layer1", "stem"]  # top first: layer4 gets decay^0
 
-
-def stage_of(name):
-    top = name.split(".")[0]
-    if top == "fc":
-        return "head"
-    return top if top in BACKBONE_STAGES else "stem"
-
-
-def stage_lr_scales(cfg):
-    """{stage: learning-rate multiplier} for every stage of the model."""
-    scales = {stage: cfg.layer_decay ** depth for depth, stage in enumerate(BACKBONE_STAGES)}
-    scales["head"] = cfg.head_lr_mult
-    return scales
+def stage_depths(model):
+    """{parameter name: (stage, depth)}, depth counted from the top stage (0) down to the stem."""
+    stages = backbone_stages(model)
+    return {name: (stage, len(stages) - 1 - i) for i, (stage, names) in enumerate(stages) for name in names}
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
-    """Parameter groups for the optimiser, each with its stage name, lr and weight_decay."""
-    scales = stage_lr_scales(cfg)
+    """Parameter groups for the optimiser, each with its stage name, depth (None for the head), lr and
+    weight_decay."""
+    depths = stage_depths(model)
     groups = {}
     for name, p in model.named_parameters():
-        stage = stage_of(name)
+        stage, depth = depths.get(name, ("head", None))
         decays = cfg.decay_norm_bias or p.ndim > 1
         key = (stage, decays)
         if key not in groups:
-            groups[key] = {"params": [], "stage": stage, "lr": cfg.lr * scales[stage],
+            scale = cfg.head_lr_mult if depth is None else cfg.layer_decay ** depth
+            groups[key] = {"params": [], "stage": stage, "depth": depth, "lr": cfg.lr * scale,
                            "weight_decay": cfg.weight_decay if decays else 0.0}
         groups[key]["params"].append(p)
     return list(groups.values())
@@ -66,5 +62,6 @@ def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:
 
 
 def reported_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The learning rate of layer4 (--lr times the schedule): the one number the history and console show."""
-    return next(g["lr"] for g in optimizer.param_groups if g["stage"] == "layer4")
+    """The learning rate of the top backbone stage (--lr times the schedule): the one number the history and console
+    show. Optimiser states saved before groups had a depth name that stage layer4."""
+    return next(g["lr"] for g in optimizer.param_groups if g.get("depth") == 0 or g["stage"] == "layer4")

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from config import config_from_dict
+from config import Config, config_from_dict
 from dataset import FlatImages, LabelledImages, center_crop, eval_crop, eval_transform, eval_sizes, find_classes, \
-    loader_options, to_float_batch
+    loader_options, normalisation, to_float_batch
 from checkpoint import load_checkpoint, select_weights
 from errors import UserError, run_cli
 from export import export_members
-from model import build_model, short_list
+from model import build_model, data_summary, resolve_data, short_list
 from report import Labelled, write_report
 from runtime import amp_dtype, autocast, default_workers, pick_device
 
@@ -141,7 +141,8 @@ def checkpoint_files(paths):
 def load_model(path, which, device):
     """(model, config, class names, weights source, class prior): the prior is the training class frequencies."""
     ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
+    # the input settings the run trained with; a checkpoint from before they were stored gets torchvision's
+    cfg = resolve_data(config_from_dict(ckpt["config"]))
     classes = list(ckpt["classes"])
     counts = np.asarray(ckpt.get("class_counts") or np.ones(len(classes)), dtype=np.float64)
     state, source = select_weights(ckpt, which, path)
@@ -177,15 +178,15 @@ def load_members(args, device):
 
 # ---------------------------------------------------------------- test-time augmentation
 
-def tta_views(square, img_size, mode):
+def tta_views(square, img_size, mode, interpolation="bilinear"):
     """Fixed views of a batch of resized squares (N,3,R,R): the centre crop first, always."""
     center = center_crop(square, img_size)
     if mode == "none":
         return [center]
     views = [center, center.flip(-1)]
     if mode == "flip-crops":
-        whole = F.interpolate(square, size=(img_size, img_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+        whole = F.interpolate(square, size=(img_size, img_size), mode=interpolation or "bilinear",
+                              antialias=True, align_corners=False)
         r = square.shape[-1]
         corners = [square[..., :img_size, :img_size], square[..., :img_size, r - img_size:],
                    square[..., r - img_size:, :img_size], square[..., r - img_size:, r - img_size:]]
@@ -194,12 +195,13 @@ def tta_views(square, img_size, mode):
 
 
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, img_size: int, mode: str,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Softmax averaged over the TTA views, all views of the batch in one forward pass."""
-    x = to_float_batch(images, device, channels_last=device.type == "cuda")
-    views = tta_views(x, img_size, mode)
-    with autocast(device, dtype):
+def predict_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, cfg: Config,
+                  mode: str) -> torch.Tensor:
+    """Softmax averaged over the TTA views, all views of the batch in one forward pass, at the config's evaluation
+    size, normalisation and precision."""
+    x = to_float_batch(images, device, channels_last=device.type == "cuda", norm=normalisation(cfg))
+    views = tta_views(x, eval_crop(cfg), mode, cfg.interpolation)
+    with autocast(device, amp_dtype(cfg, device)):
         logits = model(torch.cat(views))
     probs = logits.float().softmax(1).view(len(views), len(images), -1)
     return probs.mean(0).cpu()
@@ -208,14 +210,13 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.de
 def run_loader(member, loader, mode, desc, device, skip_bad=False):
     """A member's probabilities for every readable image of a loader, the second field of its batches (names or
     targets), and the messages of the unreadable images (an error unless skip_bad)."""
-    crop, dtype = eval_crop(member.cfg), amp_dtype(member.cfg, device)
     probs, keys, bad = [torch.empty(0, member.num_classes)], [], []
     for images, second, bad_files in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not distributed.is_main()):
         if bad_files and not skip_bad and not distributed.active():  # under torchrun: once the shards are gathered
             unreadable(bad_files)
         bad += bad_files
         if len(images):
-            probs.append(predict_probs(member.model, images, device, crop, mode, dtype))
+            probs.append(predict_probs(member.model, images, device, member.cfg, mode))
             keys += list(second.tolist() if torch.is_tensor(second) else second)
     # each process predicted its own share: gathered back in dataset order
     shards = distributed.gather((torch.cat(probs).numpy(), keys, bad))
@@ -248,7 +249,7 @@ def ensemble_probs(members, make_dataset, args, device, mode, desc):
     total, keys, bad = 0.0, None, []
     for i, member in enumerate(members):
         crop, ratio = eval_crop(member.cfg), member.cfg.eval_crop_ratio
-        dataset = make_dataset(eval_transform(crop, ratio), eval_sizes(crop, ratio)[0])
+        dataset = make_dataset(eval_transform(crop, ratio, member.cfg.interpolation), eval_sizes(crop, ratio)[0])
         label = desc if len(members) == 1 else f"{desc} {i + 1}/{len(members)}"
         loader = make_loader(dataset, args.batch_size, args.workers, device)
         probs, keys, bad = run_loader(member, loader, mode, label, device, args.skip_bad)
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     device = distributed.setup(pick_device(args.device))
     members, classes, prior = load_members(args, device)
     for _, cfg, source, path, _ in members:
-        print(f"{path}: {cfg.arch} ({source} weights), eval size {eval_crop(cfg)}, crop ratio {cfg.eval_crop_ratio:g}")
+        print(f"{path}: {cfg.arch} ({source} weights); {data_summary(cfg)}")
     print(f"{len(members)} model(s), {len(classes)} classes, TTA {args.tta}, device {device}")
     if args.export:  # one file: under torchrun the first process writes it
         return export_members(members, classes, args.export, args.tta) if distributed.is_main() else 0

@@ -1,6 +1,7 @@
-"""Fine-tune a torchvision ResNet-family classifier on data/train + data/val.
+"""Fine-tune a ResNet-family classifier (torchvision's, or timm's) on data/train + data/val.
 
     python train.py                                   # the full seed recipe: ResNeXt-101 32x8d, 100 epochs
+    python train.py --arch seresnextaa101d_32x8d.sw_in12k_ft_in1k_288   # a timm backbone at its own sizes
     python train.py --data-dir data/sample --arch resnet18 --weights none --img-size 64 --epochs 3
 
     python train.py --resume checkpoints/<run>/last.pt   # carry on where a stopped run left off, bit for bit
@@ -36,7 +37,7 @@ import distributed
 from checkpoint import best_checkpoint, load_resumable, save_atomic, training_checkpoint
 from config import Config, add_config_args, check_config, config_from_args
 from dataset import (LabelledImages, build_train_val, check_images, center_crop, eval_crop, list_files,
-                     loader_options, not_images_note, to_float_batch)
+                     loader_options, normalisation, not_images_note, to_float_batch)
 from augment import BatchAugment
 from ema import make_ema
 from errors import UserError, run_cli
@@ -45,7 +46,8 @@ from folds import fold_datasets, run_all_folds, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
 from lr_finder import add_finder_args, find_lr, finder_run
 from mix import build_mixer, count_correct
-from model import build_model, count_params, short_list, unwrap
+from model import (build_model, check_params, count_params, data_summary, resolve_data, short_list,
+                   to_sync_batchnorm, unwrap)
 from plots import plot_confusion, plot_curves
 from resume import (EpochSampler, GracefulStop, Progress, clear_run, keep_epoch_copy, remove_stale_temp_files,
                     restore_training_state, resume_path, resumed_config, run_files)
@@ -62,7 +64,8 @@ Loaders = collections.namedtuple("Loaders", "train val sampler")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Fine-tune a torchvision ResNet-family classifier on an image-folder dataset "
+        description="Fine-tune a ResNet-family classifier (torchvision's ResNets or timm's ResNet family) on an "
+                    "image-folder dataset "
                     "(DATA/train/<class>/, DATA/val/<class>/).")
     groups = add_config_args(parser)
     # in the config's groups, so that --help and the README's flag table show them beside their kin
@@ -140,7 +143,7 @@ def prepare_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> 
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU (train without it)")
         # same parameter and buffer names: the checkpoints still load into the plain model
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = to_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     return torch.compile(model) if cfg.compile else model
 
@@ -186,7 +189,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
 def run_name(cfg):
     """--run-name, or <arch>-<date>-<time>; under torchrun the first process names the run for all of them (each
     taking its own clock could straddle a second and write to two folders)."""
-    return cfg.run_name or distributed.from_main(f"{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}")
+    arch = cfg.arch.replace("/", "-")  # timm/NAME: one folder, not two
+    return cfg.run_name or distributed.from_main(f"{arch}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
 def clear_old_run(run_dir, overwrite):
@@ -242,10 +246,12 @@ def open_run(cfg, args, given):
     if path is None:
         if args.resume:
             print(f"no checkpoint in {os.path.join(cfg.output_dir, cfg.run_name)} yet: starting the run")
+        cfg = resolve_data(cfg)  # the model's own input settings where the flags leave them to it
         check_config(cfg)  # before anything of an earlier run is removed
         return cfg, new_run_dir(cfg, args.overwrite), None
     ckpt = load_resumable(path)
     cfg, schedule_changed = resumed_config(ckpt["config"], given, args.allow_schedule_change)
+    cfg = resolve_data(cfg)  # a run saved before these settings were stored: torchvision's, as it trained with
     check_config(cfg)
     run_dir = os.path.dirname(path) or "."
     cfg = dataclasses.replace(cfg, output_dir=os.path.dirname(run_dir) or ".", run_name=os.path.basename(run_dir))
@@ -307,7 +313,7 @@ def train_step(run: Run, micro_batches: Sequence[tuple[torch.Tensor, torch.Tenso
         # under DDP the gradients are averaged across processes once per step, on the last micro-batch
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-        x = to_float_batch(images, device, cfg.erasing, augment, cfg.channels_last)
+        x = to_float_batch(images, device, cfg.erasing, augment, cfg.channels_last, normalisation(cfg))
         y = targets.to(device, non_blocking=True)
         if run.mixer is not None:
             x, y = run.mixer(x, y, epoch)  # y becomes (N, C) class distributions when the batch is mixed
@@ -407,7 +413,8 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, run: R
         bad += bad_files
         if len(images) == 0:
             continue
-        x = to_float_batch(center_crop(images, crop), device, channels_last=run.cfg.channels_last)
+        x = to_float_batch(center_crop(images, crop), device, channels_last=run.cfg.channels_last,
+                           norm=normalisation(run.cfg))
         y = y.to(device, non_blocking=True)
         with autocast(device, run.dtype):
             logits = model(x)
@@ -602,14 +609,11 @@ def load_data(cfg, datasets, run_dir, ckpt, allow_change):
 
 
 def new_model(cfg, classes, ckpt):
-    """The model with its pretrained (or --weights FILE) backbone; a resumed run loads its own weights later."""
-    model = build_model(cfg.arch, len(classes), "none" if ckpt else cfg.weights, cfg.head, cfg.head_dropout,
-                        classes)
-    n_params = count_params(model)
-    if n_params > cfg.max_params:
-        raise UserError(f"{cfg.arch} has {n_params / 1e6:.1f}M parameters, over --max-params "
-                        f"{cfg.max_params / 1e6:.1f}M (use a smaller --arch or --head linear)")
-    return model
+    """The model with its pretrained (or --weights FILE) backbone; a resumed run loads its own weights later. Its
+    size is checked first, on shapes alone: a model over --max-params stops before any download."""
+    check_params(cfg.arch, len(classes), cfg.head, cfg.max_params)
+    return build_model(cfg.arch, len(classes), "none" if ckpt else cfg.weights, cfg.head, cfg.head_dropout,
+                       classes)
 
 
 def build_run(cfg, model, device, train_set, steps_per_epoch, run_dir) -> Run:
@@ -631,7 +635,7 @@ def build_run(cfg, model, device, train_set, steps_per_epoch, run_dir) -> Run:
 
 
 def describe(run, train_set, val_set):
-    """The run's setup in two lines, and its config.json."""
+    """The run's setup in three lines (the model, the batch and LR, the input data settings), and its config.json."""
     cfg, run_cfg, n = run.cfg, scaled_lr(run.cfg), distributed.world_size()
     dtype = f", {str(run.dtype).removeprefix('torch.')} autocast" if run.dtype else ""
     print(f"{cfg.arch} with {cfg.head} head: {count_params(run.plain) / 1e6:.1f}M parameters, {len(run.classes)} "
@@ -640,6 +644,7 @@ def describe(run, train_set, val_set):
         if cfg.lr_scale != "none" else ""
     print(f"{n} process(es) x --batch-size {cfg.batch_size} = global batch {n * cfg.batch_size}, "
           f"lr {run_cfg.lr:g}{scaling}")
+    print(data_summary(cfg))
     if distributed.is_main():
         remove_stale_temp_files(run.run_dir)
         with open(os.path.join(run.run_dir, "config.json"), "w") as f:

@@ -37,8 +37,8 @@ def show_value(value):
 
 
 def default_cell(action):
-    # an empty default ("" or None) means "not set": a dash reads better than an empty pair of quotes
-    if action.default in ("", None):
+    # an empty default ("", None or []) means "not set": a dash reads better than an empty pair of quotes
+    if action.default in ("", None, []):
         return "—"
     # on/off are words, not values to type: the flag cell already shows --x/--no-x
     if isinstance(action.default, bool):

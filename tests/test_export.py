@@ -52,7 +52,7 @@ def test_exported_model_gives_pytorchs_predictions(trained_run, tmp_path, ext, t
     assert "uint8" in meta["input"] and "softmax" in meta["output"]
 
     squares, crops = sample_test_crops(int(meta["eval_size"]), int(meta["resize"]), cfg.eval_crop_ratio)
-    expected = inference.predict_probs(model, squares, CPU, cfg.eval_size or cfg.img_size, tta).numpy()
+    expected = inference.predict_probs(model, squares, CPU, cfg, tta).numpy()
     got = run_exported(path, crops)
     assert got.shape == expected.shape == (50, 10)
     assert np.array_equal(got.argmax(1), expected.argmax(1))
@@ -68,8 +68,9 @@ def test_exported_ensemble_averages_its_members(trained_run, tmp_path):
     meta = loaded_metadata(path)
     assert len(json.loads(meta["checkpoints"])) == 2 and "averaged over 2 models" in meta["output"]
     squares, crops = sample_test_crops(32, 37, 0.875)
-    expected = np.mean([inference.predict_probs(inference.load_model(str(run_dir / f), "best", CPU)[0], squares,
-                                                CPU, 32, "none").numpy() for f in ("best.pt", "last.pt")], axis=0)
+    members = [inference.load_model(str(run_dir / f), "best", CPU) for f in ("best.pt", "last.pt")]
+    expected = np.mean([inference.predict_probs(model, squares, CPU, cfg, "none").numpy()
+                        for model, cfg, *_ in members], axis=0)
     assert np.abs(run_exported(path, crops) - expected).max() < 1e-4
 
 
