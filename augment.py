@@ -74,7 +74,8 @@ def train_transform(cfg: Config) -> v2.Compose:
     if cfg.aug == "policy" and cfg.auto_augment == "none":
         raise UserError("--aug policy needs a policy: add --auto-augment ta_wide, rand-m9, augmix or imagenet")
     if cfg.aug != "policy" and cfg.auto_augment != "none":
-        raise UserError(f"--auto-augment {cfg.auto_augment} replaces the hand-tuned list: add --aug policy")
+        raise UserError(f"--auto-augment {cfg.auto_augment} is a policy of --aug policy, not of --aug {cfg.aug}: "
+                        f"drop --aug {cfg.aug} (a policy alone implies --aug policy)")
     crop_and_flip = [v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale),
                                           interpolation=interpolation_mode(cfg.interpolation), antialias=True),
                      v2.RandomHorizontalFlip(cfg.hflip)]

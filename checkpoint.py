@@ -147,7 +147,7 @@ def select_weights(ckpt: dict[str, Any], which: str, path: str) -> tuple[dict[st
         return ckpt["model"], ckpt.get("source", "raw")
     if which == "ema":
         if ckpt.get("ema") is None:
-            raise UserError(f"{path} holds no EMA weights (trained with --no-ema); use --weights raw")
+            raise UserError(f"{path} holds no EMA weights (trained with --no-ema); predict with --use raw")
         return ckpt["ema"], "ema"
     return ckpt.get("raw", ckpt["model"]), "raw"
 

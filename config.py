@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,12 @@ def opt(default, help, **options):
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def from_zero(n, more=""):
+    """How every epoch-counted flag says it counts: from 0, as the loop does, while the console prints "epoch 1/100"
+    for epoch 0."""
+    return f"counted from 0 ({n} = the console's epoch {n + 1}{more})"
 
 
 @dataclass
@@ -37,6 +46,10 @@ class Config:
                               group="data")
     tensorboard: bool = opt(False, "also log scalars, the confusion matrix and augmented images to <run>/tensorboard "
                                    "(needs the tensorboard package)", group="data")
+    val_fraction: float = opt(0.0, "without a val/ folder: hold out this share of each class of train/ as validation "
+                                   "(stratified, drawn from --seed, at least one image per class; written to "
+                                   "<run>/val_split.csv and reused on resume); an error when DATA/val/ exists; 0 = use "
+                                   "DATA/val/", group="data")
 
     # checkpoints
     save_every_steps: int = opt(0, "also write last.pt every N optimiser steps, mid-epoch (0: at epoch ends only)",
@@ -74,8 +87,8 @@ class Config:
     layer_decay: float = opt(1.0, "learning-rate decay per backbone stage, from the top stage (x1) down to the stem "
                                   "(x decay^4 for a torchvision ResNet; a timm model's stages are those its "
                                   "group_matcher names); 1 = one learning rate for the whole backbone")
-    freeze_epochs: int = opt(0, "train only the head for this many epochs (backbone frozen, its BatchNorm in eval "
-                                "mode), then unfreeze")
+    freeze_epochs: int = opt(0, "train only the head (backbone frozen, its BatchNorm in eval mode) before this "
+                                "epoch, then unfreeze; " + from_zero(2, ", the first to train the backbone"))
     decay_norm_bias: bool = opt(False, "also apply weight decay to normalisation weights and biases, as the seed "
                                        "did (by default they are excluded)")
     min_lr: float = opt(1e-5, "cosine annealing floor (eta_min) of --lr; each parameter group's floor is scaled "
@@ -96,6 +109,21 @@ class Config:
                                "so this stops with an error on the CPU")
     accum_steps: int = opt(1, "split each --batch-size step into N micro-batches whose gradients add up (same "
                               "effective batch for a smaller GPU; BatchNorm then sees micro-batches)")
+    clip_grad: float = opt(0.0, "clip the gradient to this total L2 norm, once per optimiser step (after every "
+                                "micro-batch of --accum-steps, after unscaling under fp16, on the gradient averaged "
+                                "over torchrun processes); 0 = no clipping")
+
+    # when to stop before --epochs; neither shortens the cosine schedule, which still spans --epochs
+    patience: int = opt(0, "stop when the val accuracy (the better of raw and EMA weights) has not risen by more "
+                           "than --min-delta for N epochs in a row, keeping best.pt and a resumable last.pt; the "
+                           "cosine schedule still spans --epochs (the LR has not reached --min-lr when it stops); "
+                           "0 = train all --epochs", group="stopping")
+    min_delta: float = opt(0.0, "with --patience: the smallest rise of the val accuracy that counts as better (0.002 "
+                                "= 0.2 points)", group="stopping")
+    time_limit: str = opt("", "stop at the last optimiser step that ends before this much wall time since the start "
+                              "(90m, 2h, 1h30m, 3600s; a bare number is seconds), save a resumable last.pt, print the "
+                              "resume command and exit with code 124 as timeout(1) does; the cosine schedule still "
+                              "spans --epochs, so a resumed run carries on along it", group="stopping")
 
     # speed (each on by default where the hardware has it)
     channels_last: bool = opt(True, "channels_last memory format for the model and its input batches",
@@ -114,8 +142,9 @@ class Config:
     label_smoothing: float = opt(0.05, "label smoothing of the targets", group="loss")
     focal_gamma: float = opt(1.5, "focal loss gamma (0 gives plain cross-entropy)", group="loss")
     focal_blend: float = opt(0.5, "focal share of the smooth-focal loss", group="loss")
-    focal_start: int = opt(14, "schedule: first epoch of the CE-to-focal blend (s1)", group="loss")
-    focal_full: int = opt(17, "schedule: first epoch of pure focal loss (s2)", group="loss")
+    focal_start: int = opt(14, "schedule: first epoch of the CE-to-focal blend (s1), " + from_zero(14),
+                           group="loss")
+    focal_full: int = opt(17, "schedule: first epoch of pure focal loss (s2), " + from_zero(17), group="loss")
     class_weights: str = opt("none", "per-class loss weights: balanced = n/(C*n_c); "
                                      "effective = effective number of samples, Cui et al. 2019",
                              choices=["none", "balanced", "effective"], group="loss")
@@ -125,8 +154,9 @@ class Config:
                                            "first epoch to every loss", choices=["focal", "start"], group="loss")
 
     # cross-validation
-    folds: int = opt(0, "K-fold cross-validation: pool train/ and val/, split them stratified into K folds (from "
-                        "--seed) and train on K-1 of them; 0 = the given train/val split", group="cross-validation")
+    folds: int = opt(0, "K-fold cross-validation: pool train/ and val/ (or train/ alone, without a val/ folder), "
+                        "split them stratified into K folds (from --seed) and train on K-1 of them; 0 = the given "
+                        "train/val split", group="cross-validation")
     fold: int = opt(0, "which fold is held out for validation (0 .. K-1)", group="cross-validation")
     all_folds: bool = opt(False, "train every fold in turn into <run>/fold<i>/ and report out-of-fold accuracy",
                           group="cross-validation")
@@ -135,7 +165,8 @@ class Config:
     ema: bool = opt(True, "keep an exponential moving average of the weights (updated every optimiser step)",
                     group="ema")
     ema_decay: float = opt(0.999, "EMA decay (warmed up as min(decay, (1+t)/(10+t)))", group="ema")
-    ema_start_epoch: int = opt(0, "first epoch whose EMA weights are validated and may become best", group="ema")
+    ema_start_epoch: int = opt(0, "first epoch whose EMA weights are validated and may become best, " + from_zero(5),
+                               group="ema")
 
     # augmentation (train); evaluation is resize + centre crop
     img_size: int = opt(0, "train crop size; evaluation sizes follow it; 0 = the model's own (224 for a torchvision "
@@ -155,10 +186,12 @@ class Config:
     std: list = opt([], "input normalisation standard deviation, R G B; empty = the model's own",
                     group="augmentation", nargs=3, type=float)
     aug: str = opt("seed", "train augmentation: seed = the hand-tuned list below; policy = random resized crop, "
-                           "flip and the --auto-augment policy; light = random resized crop and flip only",
+                           "flip and the --auto-augment policy (an --auto-augment policy alone implies it); light = "
+                           "random resized crop and flip only",
                    choices=["seed", "policy", "light"], group="augmentation")
-    auto_augment: str = opt("none", "policy of --aug policy: ta_wide = TrivialAugmentWide, rand-m9 = RandAugment "
-                                    "(2 ops, magnitude 9), augmix = AugMix, imagenet = AutoAugment's ImageNet policy",
+    auto_augment: str = opt("none", "policy of --aug policy, which it implies: ta_wide = TrivialAugmentWide, rand-m9 "
+                                    "= RandAugment (2 ops, magnitude 9), augmix = AugMix, imagenet = AutoAugment's "
+                                    "ImageNet policy",
                             choices=["none", "ta_wide", "rand-m9", "augmix", "imagenet"], group="augmentation")
     rrc_scale: list = opt([0.08, 1.0], "RandomResizedCrop area range", group="augmentation", nargs=2, type=float)
     affine_degrees: float = opt(30.0, "RandomAffine rotation range in degrees", group="augmentation")
@@ -184,12 +217,12 @@ class Config:
     mix_prob: float = opt(1.0, "probability that a batch is mixed", group="mixing")
     mix_switch_prob: float = opt(0.5, "with both --mixup and --cutmix: probability of CutMix for a mixed batch",
                                  group="mixing")
-    mix_off_epoch: int = opt(0, "no mixing from this epoch on (counted from 0, like --focal-start), so the last "
-                                "epochs see clean images; 0 = mix in every epoch", group="mixing")
+    mix_off_epoch: int = opt(0, "no mixing from this epoch on, " + from_zero(90) + ", so the last epochs see clean "
+                                "images; 0 = mix in every epoch", group="mixing")
 
 
-GROUPS = ["data", "checkpoints", "model", "training", "speed", "loss", "cross-validation", "ema", "augmentation",
-          "mixing"]
+GROUPS = ["data", "checkpoints", "model", "training", "stopping", "speed", "loss", "cross-validation", "ema",
+          "augmentation", "mixing"]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
@@ -201,7 +234,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> dict[str, argparse._Argu
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        kwargs = dict(dest=f.name, default=default, help=meta["help"] + " (default: %(default)s)")
+        kwargs = dict(dest=f.name, default=default, help=meta["help"] + default_suffix(default))
         if f.type in (bool, "bool") or isinstance(default, bool):  # "bool": annotations are strings here
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -215,15 +248,118 @@ def add_config_args(parser: argparse.ArgumentParser) -> dict[str, argparse._Argu
     return groups
 
 
+def shown_value(value: Any) -> str:
+    """A default as a user would type it: 1e+08 rather than 100000000.0, "0.4 0.3 0.2" rather than a list."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(shown_value(v) for v in value)
+    return str(value)
+
+
+def default_suffix(value: Any) -> str:
+    """The "(default: ...)" that --help adds to a config flag's text; none for an empty default, whose meaning the
+    text itself says (e.g. "empty = decode the originals")."""
+    return "" if value in ("", None) else f" (default: {shown_value(value)})"
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in vars(args).items() if k in names})
+    return with_implied(Config(**{k: v for k, v in vars(args).items() if k in names}))
+
+
+def with_implied(cfg: Config) -> Config:
+    """The settings one flag implies: a policy replaces the hand-tuned list, so --auto-augment ta_wide alone means
+    --aug policy (the seed list being the default, --aug seed beside a policy cannot be told from no --aug)."""
+    if cfg.auto_augment != "none" and cfg.aug == "seed":
+        return dataclasses.replace(cfg, aug="policy")
+    return cfg
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a Config from a checkpoint's plain dict; fields added later keep their defaults."""
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------- --config FILE
+
+# keys of a run's config.json that are not settings: what train.py wrote beside them, read back as they were
+CONFIG_JSON_EXTRAS = {"classes", "processes"}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings of a JSON or YAML file ({field or flag name: value}); a run's config.json works as it is."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.lower().endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml  # YAML reads JSON too; imported here: only --config needs it
+            values = yaml.safe_load(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: the parser's own first line says where
+        raise UserError(f"--config {path}: cannot read it ({str(e).splitlines()[0]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected settings as key: value pairs, found a {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items() if str(k) not in CONFIG_JSON_EXTRAS}
+
+
+def config_file_args(values: dict[str, Any], path: str) -> list[str]:
+    """The command-line arguments that give a config file's settings ({field: value}), so that the parser checks
+    them as it checks typed flags and flags typed after them win."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)} (the keys are train.py's flags "
+                        "without the leading --, e.g. batch_size or batch-size)")
+    return [arg for name, value in values.items() for arg in setting_args(fields[name], value, path)]
+
+
+def setting_args(f, value, path):
+    """One file setting as command-line arguments: ['--lr=0.001'], ['--no-ema'], ['--rrc-scale', '0.5', '1']; a
+    value of the wrong kind is a one-line error naming the file and the key."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+    def wrong(expected):
+        return UserError(f"--config {path}: {f.name} must be {expected} (it is {value!r})")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return [flag(f.name) if value else "--no-" + flag(f.name)[2:]]
+    if isinstance(default, list):
+        if not isinstance(value, list) or len(value) != len(default):
+            raise wrong(f"a list of {len(default)} numbers")
+        return [flag(f.name), *[file_value(0.0, v, wrong) for v in value]]
+    text = file_value(default, value, wrong)
+    if f.metadata["choices"] and text not in f.metadata["choices"]:
+        raise wrong("one of " + ", ".join(f.metadata["choices"]))
+    return [f"{flag(f.name)}={text}"]  # --x=VALUE: a value that starts with '-' is not taken for a flag
+
+
+def file_value(default, value, wrong):
+    """A file value as the text a user would type for a setting of the default's type."""
+    if isinstance(default, str):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: --amp off
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise wrong("a text")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise wrong("a number")
+    try:
+        number = int(value) if isinstance(default, int) else float(value)  # YAML reads 1e-3 as a string
+    except ValueError:
+        raise wrong("a whole number" if isinstance(default, int) else "a number") from None
+    if isinstance(default, int) and number != value and str(number) != str(value).strip():
+        raise wrong("a whole number")
+    return repr(number)
 
 
 # ---------------------------------------------------------------- settings that contradict or do nothing
@@ -264,10 +400,35 @@ def check_ranges(cfg):
          "--eval-size, --min-lr, --weight-decay, --warmup-epochs, --t-max, --freeze-epochs, --save-every-steps, "
          "--keep-epochs, --mixup and --cutmix cannot be negative")
     need(cfg.min_lr <= cfg.lr, f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the cosine would rise")
+    need(min(cfg.clip_grad, cfg.patience) >= 0, "--clip-grad and --patience cannot be negative")
+    need(0 <= cfg.val_fraction < 1 and 0 <= cfg.min_delta < 1,
+         "--val-fraction and --min-delta must lie in [0, 1) (a share of train/, a rise of the val accuracy)")
+    time_limit_seconds(cfg.time_limit)  # a one-line error for a duration it cannot read
+
+
+DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms]?)")
+
+
+def time_limit_seconds(text: str) -> float:
+    """--time-limit in seconds (0: none): 90m, 2h, 1h30m, 3600s, 1.5h; a bare number is seconds."""
+    compact = text.replace(" ", "").lower()
+    if not compact:
+        return 0.0
+    parts = DURATION.findall(compact)
+    seconds = sum(float(number) * {"h": 3600, "m": 60, "s": 1, "": 1}[unit] for number, unit in parts)
+    if "".join(a + b for a, b in parts) != compact or seconds <= 0:
+        raise UserError(f"--time-limit {text!r}: give a duration such as 90m, 2h, 1h30m or 3600s")
+    return seconds
 
 
 def check_schedule(cfg):
     """One-line errors for settings that contradict each other or the length of the run."""
+    if cfg.val_fraction and cfg.folds:
+        raise UserError(f"--val-fraction {cfg.val_fraction:g} and --folds {cfg.folds} both choose the validation "
+                        "images: --folds holds out a fold of train/ (and val/), so drop --val-fraction")
+    if cfg.time_limit and cfg.all_folds:
+        raise UserError("--time-limit stops one run, and --all-folds trains several one after the other: train "
+                        "each fold as its own run (--folds K --fold i) with its own --time-limit")
     if cfg.loss == "schedule" and cfg.focal_full < cfg.focal_start:
         raise UserError(f"--focal-full {cfg.focal_full} is before --focal-start {cfg.focal_start}")
     focal_reached = cfg.loss in ("focal", "smooth-focal") or (cfg.loss == "schedule" and cfg.focal_start < cfg.epochs)
@@ -314,6 +475,7 @@ def unused_settings(cfg):
         ("focal_full", cfg.loss != "schedule", "only --loss schedule uses it"),
         ("head_dropout", cfg.head == "linear", "--head linear has no dropout"),
         ("fold", not cfg.folds, "there is no --folds K"),
+        ("min_delta", not cfg.patience, "there is no --patience N"),
         ("mix_off_epoch", cfg.mix_off_epoch >= cfg.epochs, f"it is not before --epochs {cfg.epochs}"),
     ]
     rules += [(name, not seed_list, f"only --aug seed uses it (--aug {cfg.aug})")

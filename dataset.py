@@ -263,6 +263,12 @@ class LabelledImages(torch.utils.data.Dataset):
         other.targets = [t for _, t in other.samples]
         return other
 
+    def held_out(self, samples, transform, draft_size):
+        """Some of these (path, class index) pairs as a validation set: the evaluation transform and decoding."""
+        other = self.with_samples(samples)
+        other.transform, other.draft_size, other.not_images = transform, draft_size, []
+        return other
+
     def class_counts(self):
         return np.bincount(self.targets, minlength=len(self.classes))
 
@@ -425,24 +431,29 @@ def to_float_batch(batch: torch.Tensor, device: torch.device, erasing: float = 0
 
 
 def build_train_val(cfg: Config) -> tuple[LabelledImages, LabelledImages, list[str]]:
-    """Datasets for train/ and val/ with the class list of train/; val must use the same class names. The sizes and
-    interpolation are the model's own where the config leaves them to it."""
+    """Datasets for train/ and val/ with the class list of train/; val must use the same class names. Without a
+    val/ folder, under --val-fraction or --folds, val comes back empty: the run holds out part of train/ itself.
+    The sizes and interpolation are the model's own where the config leaves them to it."""
     train_dir, val_dir = os.path.join(cfg.data_dir, "train"), os.path.join(cfg.data_dir, "val")
     if not os.path.isdir(cfg.data_dir):
         raise UserError(f"no such data folder: {cfg.data_dir} (expected {cfg.data_dir}/train/<class>/ and "
-                        f"{cfg.data_dir}/val/<class>/)")
+                        f"{cfg.data_dir}/val/<class>/, or train/ alone with --val-fraction)")
     classes = find_classes(train_dir)
-    val_classes = find_classes(val_dir)
+    use_val = own_val_folder(cfg, val_dir)  # the layout before the images: a missing val/ is said first
     cfg = resolve_data(cfg)
-    unknown = sorted(set(val_classes) - set(classes))
-    if unknown:
-        raise UserError(f"{val_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}")
     # only evaluation decodes JPEGs at reduced size: a random crop may take a small part of the image at full detail
     draft = eval_sizes(eval_crop(cfg), cfg.eval_crop_ratio)[0]
     cache = (cfg.cache, cache_side(max(cfg.img_size, eval_crop(cfg)), cfg.eval_crop_ratio)) if cfg.cache else None
     train = LabelledImages(train_dir, classes, train_transform(cfg), cache=cache)
-    val = LabelledImages(val_dir, classes, eval_transform(eval_crop(cfg), cfg.eval_crop_ratio, cfg.interpolation),
-                         draft_size=draft, cache=cache)
+    evaluation = eval_transform(eval_crop(cfg), cfg.eval_crop_ratio, cfg.interpolation)
+    if use_val:
+        val_classes = find_classes(val_dir)
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise UserError(f"{val_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}")
+        val = LabelledImages(val_dir, classes, evaluation, draft_size=draft, cache=cache)
+    else:
+        val = train.held_out([], evaluation, draft)
     for split in (train, val):
         if split.not_images:
             print(f"warning: {split.root} holds {not_images_note(split.not_images)}; skipped")
@@ -450,6 +461,19 @@ def build_train_val(cfg: Config) -> tuple[LabelledImages, LabelledImages, list[s
     if empty:
         warnings.warn(f"{len(empty)} class folder(s) of {train_dir} hold no images: {', '.join(empty[:5])}")
     return train, val, classes
+
+
+def own_val_folder(cfg, val_dir):
+    """Whether the run validates on DATA/val/: without it, --val-fraction or --folds must say what to hold out."""
+    if os.path.isdir(val_dir):
+        if cfg.val_fraction:
+            raise UserError(f"--val-fraction {cfg.val_fraction:g} holds out part of train/, but {val_dir} exists: "
+                            "drop --val-fraction to validate on val/, or move val/ away to split train/")
+        return True
+    if not (cfg.val_fraction or cfg.folds):
+        raise UserError(f"no such folder: {val_dir}; to validate on part of train/, add --val-fraction 0.1 (or "
+                        "--folds K for cross-validation)")
+    return False
 
 
 # ---------------------------------------------------------------- augmentation preview

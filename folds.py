@@ -1,4 +1,5 @@
-"""K-fold cross-validation: a stratified split of train/ + val/, one training run per held-out fold.
+"""Held-out splits: K-fold cross-validation (a stratified split of train/ + val/, one training run per held-out
+fold) and --val-fraction (a stratified share of train/ as validation, for data without a val/ folder).
 
     python train.py --folds 5 --fold 0 --run-name cv            # one fold
     python train.py --folds 5 --all-folds --run-name cv         # folds 0..4 into checkpoints/cv/fold<i>/
@@ -63,9 +64,61 @@ def fold_datasets(cfg: Config, train_set: LabelledImages, val_set: LabelledImage
     return train, held_out, split
 
 
-def write_split(split: pd.DataFrame | None, run_dir: str) -> None:
+def write_split(split: pd.DataFrame | None, run_dir: str, name: str = "folds.csv") -> None:
     if split is not None:
-        split.to_csv(os.path.join(run_dir, "folds.csv"), index=False)
+        split.to_csv(os.path.join(run_dir, name), index=False)
+
+
+# ---------------------------------------------------------------- --val-fraction
+
+VAL_SPLIT = "val_split.csv"  # every train/ image of a --val-fraction run: path, class, and "train" or "val"
+
+
+def holdout_mask(targets, fraction, seed):
+    """(held out, too small): a boolean per sample, about `fraction` of every class held out (at least one image,
+    never all of them) from a generator seeded with `seed`; and the class indices with a single image, which stay
+    in training."""
+    targets = np.asarray(targets, dtype=int)
+    rng = np.random.default_rng(seed)
+    held, too_small = np.zeros(len(targets), dtype=bool), []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        if len(members) < 2:
+            too_small.append(int(c))
+            continue
+        k = min(len(members) - 1, max(1, round(fraction * len(members))))
+        held[rng.permutation(members)[:k]] = True
+    return held, too_small
+
+
+def val_fraction_datasets(cfg: Config, train_set: LabelledImages, val_set: LabelledImages, classes: Sequence[str],
+                          saved_split: str | None) -> tuple[LabelledImages, LabelledImages, pd.DataFrame | None]:
+    """(train, val, split table) for --val-fraction F: val_set is the empty evaluation view of train/ that
+    dataset.build_train_val gives without val/. saved_split: a resumed run's val_split.csv, whose held-out images
+    are used again (images added to train/ since then train). Without --val-fraction, the datasets as they are."""
+    if not cfg.val_fraction:
+        return train_set, val_set, None
+    pool = train_set.samples
+    names = [os.path.relpath(p, cfg.data_dir) for p, _ in pool]
+    if saved_split and os.path.isfile(saved_split):
+        table = pd.read_csv(saved_split, dtype=str, keep_default_na=False)
+        listed = set(table.loc[table["split"] == "val", "image"])
+        held = np.array([name in listed for name in names], dtype=bool)
+        print(f"--val-fraction: validating on the {int(held.sum())} images of {saved_split}, as the run did")
+    else:
+        held, too_small = holdout_mask(train_set.targets, cfg.val_fraction, cfg.seed)
+        if too_small:
+            print(f"warning: --val-fraction {cfg.val_fraction:g}: {len(too_small)} class(es) have a single image, "
+                  f"which stays in training (no val image for them): {', '.join(classes[c] for c in too_small[:5])}"
+                  f"{', ...' if len(too_small) > 5 else ''}")
+    if not held.any():
+        raise UserError(f"--val-fraction {cfg.val_fraction:g}: no class of train/ has two images, so none can be "
+                        "held out for validation")
+    table = pd.DataFrame({"image": names, "label": [classes[t] for _, t in pool],
+                          "split": np.where(held, "val", "train")})
+    train = train_set.with_samples([s for s, h in zip(pool, held) if not h])
+    val = val_set.with_samples([s for s, h in zip(pool, held) if h])
+    return train, val, table
 
 
 def write_oof(run_dir: str, cfg: Config, val_set: LabelledImages, preds: np.ndarray,

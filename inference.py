@@ -62,9 +62,11 @@ def parse_args(argv=None):
                         "mirror, and the square's four corner crops (not mirrored): 8 views (default: %(default)s)")
     p.add_argument("--topk", type=int, default=0,
                    help="also write the K most likely labels and their probabilities to <output>_top<K>.csv")
-    p.add_argument("--weights", choices=["best", "ema", "raw"], default="best",
-                   help="which weights of the checkpoint: best = the ones it recorded as scoring higher on val "
-                        "(default: %(default)s)")
+    p.add_argument("--use", choices=["best", "ema", "raw"], default="best",
+                   help="which weights of the checkpoint: best = the ones it recorded as scoring higher on val, ema = "
+                        "the moving average, raw = the trained weights themselves (default: %(default)s)")
+    # train.py's --weights is the pretrained source; here the old name for --use only says so
+    p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--val-dir", default=None,
                    help="a labelled folder (<class>/<image>): report its accuracy without and with the chosen TTA")
     p.add_argument("--eval-size", type=int, default=0,
@@ -81,11 +83,16 @@ def parse_args(argv=None):
                         "test resolution for a model trained at another one")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=-1, help="loader processes, -1 = one per free core (default: -1)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to predict: auto = cuda when available, else cpu; under torchrun each process takes "
+                        "its own GPU (default: %(default)s)")
     p.add_argument("--skip-bad", action="store_true",
                    help="an unreadable image does not stop the run: a test image still gets its row, predicted as "
                         "the most frequent training class, and every such file is named in a warning")
     args = p.parse_args(argv)
+    if args.weights is not None:
+        raise UserError(f"inference.py --weights is now --use (--use {args.weights}): --weights names the pretrained "
+                        "weights of train.py")
     if args.topk < 0:
         p.error("--topk must be 0 or more")
     if not 0 <= args.eval_crop_ratio <= 1:
@@ -162,7 +169,7 @@ def load_members(args, device):
     the class names they share and the mean of their class priors."""
     members, classes, priors = [], None, []
     for path in checkpoint_files(args.checkpoint):
-        model, cfg, own_classes, source, prior = load_model(path, args.weights, device)
+        model, cfg, own_classes, source, prior = load_model(path, args.use, device)
         if classes is None:
             classes, first = own_classes, path
         elif own_classes != classes:

@@ -9,6 +9,7 @@ error). Everything is computed from the softmax probabilities of the chosen TTA 
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dataset import load_rgb
+from errors import UserError, run_cli
 from plots import confusion_counts, markdown_table, pyplot, save_figure
 
 TOP_PAIRS = 20
@@ -140,3 +142,18 @@ def write_report(out_dir: str, probs_by_mode: dict[str, np.ndarray], labelled: L
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(text))
     return dict(accuracy=accuracy, ece=ece, per_class=per_class, pairs=pairs, tta=tta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """This file holds the report's code; the command that writes a report is inference.py --report."""
+    command = "python inference.py --checkpoint checkpoints/<run>/best.pt --val-dir data/val --report [DIR]"
+    parser = argparse.ArgumentParser(
+        description="The model report (per-class precision/recall/F1, the most confused pairs, the most confident "
+                    "mistakes, calibration, accuracy per TTA mode) of a checkpoint on a labelled folder. This file "
+                    f"holds its code and has no command of its own: write a report with {command}")
+    parser.parse_args(argv)
+    raise UserError(f"report.py has no command of its own: write a model report with {command}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -14,22 +14,25 @@ import re
 import shutil
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from config import Config, config_from_dict
+from config import Config, config_from_dict, with_implied
 from errors import UserError
 from runtime import restore_rng
 
 if TYPE_CHECKING:
     from run import Run
 
-# settings a resumed run may change freely: where things are and how fast they go, not what is computed
+# settings a resumed run may change freely: where things are, how fast they go and when the run stops, not what
+# is computed up to then
 FREE_ON_RESUME = {"data_dir", "output_dir", "run_name", "workers", "device", "weights", "save_every_steps",
-                  "keep_epochs", "max_bad_frac", "cache", "channels_last", "cudnn_benchmark", "tf32", "compile"}
+                  "keep_epochs", "max_bad_frac", "cache", "channels_last", "cudnn_benchmark", "tf32", "compile",
+                  "patience", "min_delta", "time_limit"}
 # settings that give the saved state another meaning: never changed on resume
 FIXED_ON_RESUME = {"arch", "head", "batch_size", "ema", "max_params"}
 
@@ -45,6 +48,9 @@ class Progress:
     best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": -1, "source": "raw"})
     skipped_files: list = field(default_factory=list)  # unreadable images met so far
     train_images: int = 0  # size of the training set the epoch order was drawn for
+    # --patience: the val accuracy a better epoch must beat by more than --min-delta, and the epochs since one did
+    plateau_best: float = -1.0
+    plateau_epochs: int = 0
     # running sums of the epoch in progress, so that its history row is the same after a resume
     epoch_lr: float = math.nan
     loss_sum: float = 0.0
@@ -168,7 +174,7 @@ def resumed_config(saved: dict[str, Any], given: dict[str, Any],
         if name not in FREE_ON_RESUME and not allow_schedule_change:
             raise UserError(f"{flag} {value} differs from the resumed run's {old}: pass --allow-schedule-change "
                             "to continue with the new value (the run then no longer matches an uninterrupted one)")
-    cfg = dataclasses.replace(cfg, **changed)
+    cfg = with_implied(dataclasses.replace(cfg, **changed))
     schedule_changed = any(k not in FREE_ON_RESUME for k in changed)
     return cfg, schedule_changed
 
@@ -179,7 +185,8 @@ def resumed_config(saved: dict[str, Any], given: dict[str, Any],
 # with --overwrite removes all of it first, so that nothing of the old run can be resumed, pruned, ensembled or
 # counted in place of the new run's
 RUN_FILES = ["last.pt", "best.pt", "epoch-*.pt", ".tmp-*.pt", "config.json", "history.csv", "curves.png",
-             "confusion_matrix.png", "confusion_matrix.csv", "folds.csv", "oof.csv", "skipped_images.txt",
+             "confusion_matrix.png", "confusion_matrix.csv", "folds.csv", "val_split.csv", "oof.csv",
+             "skipped_images.txt",
              "*.tmp.png", "tensorboard", "report", "fold[0-9]*"]
 
 
@@ -237,20 +244,47 @@ def keep_epoch_copy(run_dir: str, epoch: int, keep: int) -> None:
 
 class GracefulStop:
     """While active, SIGINT and SIGTERM ask the training loop to stop after its current step; a second SIGINT
-    (Ctrl-C twice) stops at once. The handler only records the signal: printing from it could collide with tqdm."""
+    (Ctrl-C twice) stops at once. The handler only records the signal: printing from it could collide with tqdm.
+
+    With a time limit (seconds after `started`, a time.monotonic() reading) the loop is asked to stop as well at the
+    last step boundary before the limit: when the next piece of work (the longest training step so far, or the
+    longest validation pass before one) would end past it. The limit is only checked once this process has trained
+    a step, so that every start of a run makes progress."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, time_limit: float = 0.0, started: float | None = None):
         self.signum, self.old = None, {}
+        start = time.monotonic() if started is None else started
+        self.deadline = start + time_limit if time_limit else None
+        self.longest_step, self.longest_validation, self.timed_out = 0.0, 0.0, False
 
     @property
     def requested(self):
+        """Stop at this step boundary: a signal came, or the next step would end past the time limit."""
+        return self.signum is not None or self.out_of_time()
+
+    @property
+    def signalled(self):
         return self.signum is not None
 
     @property
     def name(self):
         return signal.Signals(self.signum).name if self.signum else ""
+
+    def out_of_time(self, ahead: float | None = None) -> bool:
+        """Whether work of `ahead` seconds (default: the longest step so far) would end past the limit; once true,
+        it stays true."""
+        if self.deadline is not None and not self.timed_out and self.longest_step > 0:
+            ahead = self.longest_step if ahead is None else ahead
+            self.timed_out = time.monotonic() + ahead >= self.deadline
+        return self.timed_out
+
+    def step_took(self, seconds: float) -> None:
+        self.longest_step = max(self.longest_step, seconds)
+
+    def validation_took(self, seconds: float) -> None:
+        self.longest_validation = max(self.longest_validation, seconds)
 
     def handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:

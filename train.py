@@ -4,6 +4,9 @@
     python train.py --arch seresnextaa101d_32x8d.sw_in12k_ft_in1k_288   # a timm backbone at its own sizes
     python train.py --data-dir data/sample --arch resnet18 --weights none --img-size 64 --epochs 3
 
+    python train.py --data-dir photos --val-fraction 0.1 --patience 10 --time-limit 2h   # no val/ folder
+    python train.py --config checkpoints/<run>/config.json --run-name again   # repeat a run's settings
+
     python train.py --resume checkpoints/<run>/last.pt   # carry on where a stopped run left off, bit for bit
     python train.py --data-dir data --check-data          # only decode every image once and list the bad ones
     python train.py --data-dir data --run-name mine --find-lr   # LR sweep: lr_find.png and a suggested --lr
@@ -22,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -35,14 +39,15 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import best_checkpoint, load_resumable, save_atomic, training_checkpoint
-from config import Config, add_config_args, check_config, config_from_args
+from config import (Config, add_config_args, check_config, config_file_args, config_from_args, read_config_file,
+                    time_limit_seconds)
 from dataset import (LabelledImages, build_train_val, check_images, center_crop, eval_crop, list_files,
                      loader_options, normalisation, not_images_note, to_float_batch)
 from augment import BatchAugment
 from ema import make_ema
 from errors import UserError, run_cli
 from finetune import backbone_frozen, param_groups, reported_lr, set_backbone_frozen
-from folds import fold_datasets, run_all_folds, write_oof, write_split
+from folds import VAL_SPLIT, fold_datasets, run_all_folds, val_fraction_datasets, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
 from lr_finder import add_finder_args, find_lr, finder_run
 from mix import build_mixer, count_correct
@@ -57,6 +62,7 @@ from runtime import (amp_dtype, autocast, default_workers, pick_device, rank_rng
 from tensorboard_log import Board
 
 NONFINITE_LIMIT = 5  # non-finite losses in a row that stop the run
+TIME_LIMIT_EXIT = 124  # the exit code of a run stopped by --time-limit, as timeout(1) uses it
 
 # the training loader, the validation loader (this process's shard of val) and the epoch order behind the first
 Loaders = collections.namedtuple("Loaders", "train val sampler")
@@ -65,16 +71,21 @@ Loaders = collections.namedtuple("Loaders", "train val sampler")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune a ResNet-family classifier (torchvision's ResNets or timm's ResNet family) on an "
-                    "image-folder dataset "
-                    "(DATA/train/<class>/, DATA/val/<class>/).")
+                    "image-folder dataset (DATA/train/<class>/ and DATA/val/<class>/, or train/ alone with "
+                    "--val-fraction).")
     groups = add_config_args(parser)
     # in the config's groups, so that --help and the README's flag table show them beside their kin
     data, checkpoints = groups["data"], groups["checkpoints"]
     data.add_argument("--overwrite", action="store_true",
                       help="start again in a run folder that already holds a run: first remove the earlier run's "
                            "files there (last.pt, best.pt, epoch-*.pt, config.json, history.csv, curves.png, "
-                           "confusion_matrix.png/.csv, folds.csv, oof.csv, skipped_images.txt, tensorboard/, report/, "
-                           "fold<i>/) and name them; other files stay")
+                           "confusion_matrix.png/.csv, folds.csv, val_split.csv, oof.csv, skipped_images.txt, "
+                           "tensorboard/, report/, fold<i>/) and name them; other files stay")
+    data.add_argument("--config", metavar="FILE",
+                      help="read settings from a JSON or YAML file of 'name: value' lines, the names being these "
+                           "flags without the leading -- (batch_size: 32, or batch-size); a run's own config.json "
+                           "works as it is. Flags typed on the command line override the file; with --resume the "
+                           "file's settings are checked against the run's like typed flags")
     checkpoints.add_argument("--resume", metavar="PATH|auto", default=None,
                              help="continue the run of a last.pt (or epoch-NNN.pt) exactly where it stopped, with "
                                   "its own settings; auto = --output-dir/--run-name/last.pt if it exists, else start "
@@ -90,8 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace, dict[str, Any]]:
+    argv = with_config_file(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     return config_from_args(args), args, given_settings(argv)
+
+
+def with_config_file(argv):
+    """argv after the settings of --config FILE, as flags: the parser checks them like typed ones, and the flags
+    typed on the command line, which come after them, win."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--config")
+    path = probe.parse_known_args(argv)[0].config
+    return config_file_args(read_config_file(path), path) + argv if path else argv
 
 
 def given_settings(argv):
@@ -329,6 +350,11 @@ def train_step(run: Run, micro_batches: Sequence[tuple[torch.Tensor, torch.Tenso
     loss_sum, correct, total = distributed.sum_all([loss_sum, correct, total], device).tolist()
     value = loss_sum / total
     if math.isfinite(value):
+        if cfg.clip_grad:
+            # once per step, on the true gradient: unscaled from the fp16 loss scale, summed over the micro-batches
+            # and, under DDP, already averaged over the processes, so that every process clips by the same factor
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         run.scaler.step(run.optimizer)
         run.scaler.update()
     return value, correct, total
@@ -354,6 +380,7 @@ def train_one_epoch(run: Run, loader: torch.utils.data.DataLoader, epoch: int, p
         if not group:
             continue
         count_step(run, progress, *train_step(run, group, epoch, augment))
+        stop.step_took(time.perf_counter() - start)
         progress.seconds += time.perf_counter() - start
         start = time.perf_counter()
         bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
@@ -408,7 +435,7 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, run: R
     total_loss, preds, targets, bad = 0.0, [], [], []
     for images, y, bad_files in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                                      disable=not distributed.is_main()):
-        if stop is not None and stop.requested:
+        if stop is not None and stop.signalled:  # the time limit lets a started validation pass finish
             break
         bad += bad_files
         if len(images) == 0:
@@ -421,7 +448,7 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, run: R
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         preds.append(logits.argmax(1).cpu())
         targets.append(y.cpu())
-    if stop is not None and distributed.any_rank(stop.requested, device):  # all processes stop, or none
+    if stop is not None and distributed.any_rank(stop.signalled, device):  # all processes stop, or none
         return None
     # every rank evaluated its own shard: gather predictions and losses in dataset order
     shards = distributed.gather((total_loss, torch.cat(preds).numpy() if preds else np.zeros(0, np.int64),
@@ -483,6 +510,7 @@ def record_epoch(run: Run, progress: Progress, epoch: int, scores: dict, val_set
     improved = chosen["acc"] > progress.best["acc"]
     if improved:
         progress.best = {"acc": chosen["acc"], "epoch": epoch + 1, "source": source}
+    update_plateau(progress, chosen["acc"], run.cfg.min_delta)
     distributed.check_in_sync(run.model, *([run.ema.module] if run.ema is not None else []))
     if improved and distributed.is_main():
         save_best(run, epoch, source, chosen, row, val_set)
@@ -498,6 +526,26 @@ def record_epoch(run: Run, progress: Progress, epoch: int, scores: dict, val_set
     print(f"epoch {epoch + 1:3d}/{run.cfg.epochs} | {row['loss_phase']:5s} | lr {row['lr']:.2e} | train loss "
           f"{row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {val['loss']:.4f} acc "
           f"{val['acc']:.4f}{ema_text} | {row['images_per_s']:.0f} img/s{' | best' if improved else ''}")
+
+
+def update_plateau(progress, acc, min_delta):
+    """--patience: an epoch is better when its val accuracy beats the last better one's by more than --min-delta
+    (counted with or without --patience, so that a resumed run may add it)."""
+    if acc > progress.plateau_best + min_delta:
+        progress.plateau_best, progress.plateau_epochs = acc, 0
+    else:
+        progress.plateau_epochs += 1
+
+
+def plateaued(cfg, progress, last):
+    """Whether --patience ends the run here; says so, and how to train on."""
+    if not cfg.patience or progress.plateau_epochs < cfg.patience or progress.epoch >= cfg.epochs:
+        return False
+    n = progress.plateau_epochs
+    print(f"early stop: the val accuracy has not risen by more than --min-delta {cfg.min_delta:g} for {n} "
+          f"epoch{'s' * (n != 1)} (--patience {cfg.patience}); to train on: python train.py --resume {last} "
+          "--patience <more epochs>")
+    return True
 
 
 def save_last(run: Run, progress: Progress):
@@ -583,12 +631,14 @@ def resume_training(ckpt, run: Run, progress: Progress, steps_per_epoch: int) ->
 
 
 def stop_run(stop, progress, run, steps_per_epoch):
+    """After a signal or --time-limit: last.pt is saved; say where the run stopped and how it resumes."""
     last = os.path.join(run.run_dir, "last.pt")
-    print(f"{stop.name}: stopped at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}; "
+    reason = stop.name or f"--time-limit {run.cfg.time_limit}"
+    print(f"{reason}: stopped at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}; "
           f"saved {last}")
     launcher = "python" if distributed.world_size() == 1 else "torchrun <the same options>"
     print(f"resume with: {launcher} train.py --resume {last}")
-    return 128 + stop.signum
+    return 128 + stop.signum if stop.signum else TIME_LIMIT_EXIT
 
 
 # ---------------------------------------------------------------- the run
@@ -598,8 +648,11 @@ def load_data(cfg, datasets, run_dir, ckpt, allow_change):
     the run's Progress (the images skipped so far). datasets: build_train_val's (train, val, classes)."""
     train_set, val_set, classes = datasets
     train_set, val_set, split = fold_datasets(cfg, train_set, val_set, classes)
+    saved_split = os.path.join(run_dir, VAL_SPLIT) if ckpt else None  # a resumed run validates on its own split
+    train_set, val_set, held_out = val_fraction_datasets(cfg, train_set, val_set, classes, saved_split)
     os.makedirs(run_dir, exist_ok=True)
     write_split(split, run_dir)
+    write_split(held_out, run_dir, VAL_SPLIT)
     progress = Progress(skipped_files=ckpt["progress"]["skipped_files"] if ckpt else [])
     drop_unreadable(train_set, val_set, cfg, progress, run_dir)
     if ckpt:
@@ -651,11 +704,12 @@ def describe(run, train_set, val_set):
             json.dump(dict(dataclasses.asdict(cfg), classes=list(run.classes), processes=n), f, indent=2)
 
 
-def fit(run: Run, loaders, progress: Progress) -> int:
-    """The epoch loop: train, validate, keep what the epoch gave; returns the exit code."""
+def fit(run: Run, loaders, progress: Progress, started: float) -> int:
+    """The epoch loop: train, validate, keep what the epoch gave; returns the exit code. started: time.monotonic()
+    when the run began, from which --time-limit counts."""
     cfg, frozen = run.cfg, None
     steps_per_epoch = math.ceil(len(loaders.train) / cfg.accum_steps)
-    with GracefulStop() as stop:
+    with GracefulStop(time_limit_seconds(cfg.time_limit), started) as stop:
         for epoch in range(progress.epoch, cfg.epochs):
             if backbone_frozen(cfg, epoch) != frozen:
                 frozen = backbone_frozen(cfg, epoch)
@@ -664,12 +718,18 @@ def fit(run: Run, loaders, progress: Progress) -> int:
                 progress.start_epoch(reported_lr(run.optimizer))
             loaders.sampler.start_epoch(epoch, progress.done)
             finished = train_one_epoch(run, loaders.train, epoch, progress, stop)
+            # a validation pass that would end past --time-limit waits for the resumed run
+            finished = finished and not distributed.any_rank(stop.out_of_time(stop.longest_validation), run.device)
             scores = validate(run, loaders.val, epoch, stop) if finished else None
-            if scores is None:  # stopped by a signal mid-epoch
+            if scores is None:  # stopped by a signal or the time limit mid-epoch
                 save_last(run, progress)
                 return stop_run(stop, progress, run, steps_per_epoch)
+            stop.validation_took(scores["seconds"])
             record_epoch(run, progress, epoch, scores, loaders.val.dataset.dataset)
-            if distributed.any_rank(stop.requested, run.device):
+            if plateaued(cfg, progress, os.path.join(run.run_dir, "last.pt")):
+                break
+            # after the last epoch there is nothing left to stop: the run ends as finished
+            if progress.epoch < cfg.epochs and distributed.any_rank(stop.requested, run.device):
                 return stop_run(stop, progress, run, steps_per_epoch)
     if run.board is not None:
         run.board.close()
@@ -683,6 +743,7 @@ def fit(run: Run, loaders, progress: Progress) -> int:
 # ---------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # --time-limit counts from here
     cfg, args, given = parse_args(argv)
     if args.check_data:  # under torchrun the first process checks alone: the data are the same for all
         return check_data(cfg) if int(os.environ.get("RANK", 0)) == 0 else 0
@@ -704,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt:
         progress = resume_training(ckpt, run, progress, steps_per_epoch)
     describe(run, train_set, val_set)
-    return find_lr(run, loaders, train_step, args, argv) if args.find_lr else fit(run, loaders, progress)
+    return find_lr(run, loaders, train_step, args, argv) if args.find_lr else fit(run, loaders, progress, started)
 
 
 if __name__ == "__main__":

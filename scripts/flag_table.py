@@ -14,8 +14,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from config import default_suffix  # noqa: E402 (after the path insert above)
+
 START, END = "<!-- flags:start -->", "<!-- flags:end -->"
-DEFAULT_SUFFIX = " (default: %(default)s)"
 
 
 def cell(text):
@@ -59,8 +60,8 @@ def flag_cell(action):
 
 
 def help_cell(action):
-    """The --help text without argparse's "(default: ...)" tail, which has its own column here."""
-    text = action.help.replace(DEFAULT_SUFFIX, "")
+    """The --help text without its "(default: ...)" tail (config.default_suffix), which has its own column here."""
+    text = action.help.removesuffix(default_suffix(action.default))
     # expand any other %(...)s (and %%) the way argparse does for --help
     text = text % dict(vars(action), prog="train.py")
     return cell(text)

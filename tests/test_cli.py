@@ -59,7 +59,7 @@ def test_tta_modes_and_weight_choices(trained_run, tmp_path):
     for tta, weights in [("none", "raw"), ("flip-crops", "ema")]:
         out = tmp_path / f"{tta}.csv"
         run_script("inference.py", "--checkpoint", run_dir / "last.pt", "--data-dir", SAMPLE, "--output", out,
-                   "--tta", tta, "--weights", weights, "--workers", 0)
+                   "--tta", tta, "--use", weights, "--workers", 0)
         assert len(pd.read_csv(out)) == len(os.listdir(os.path.join(SAMPLE, "test")))
 
 
@@ -98,7 +98,7 @@ def test_help_documents_every_flag():
     assert "--no-ema" in text
     text = run_script("inference.py", "--help").stdout
     for flag in ["--checkpoint", "--data-dir", "--test-dir", "--output", "--tta", "--topk", "--batch-size",
-                 "--workers", "--device", "--val-dir", "--weights"]:
+                 "--workers", "--device", "--val-dir", "--use"]:
         assert flag in text
 
 

@@ -114,8 +114,8 @@ def test_augmentation_choices_give_uint8_crops(aug, policy):
 def test_augmentation_flags_that_do_not_fit_are_refused():
     with pytest.raises(UserError, match="add --auto-augment"):
         train_transform(Config(aug="policy"))
-    with pytest.raises(UserError, match="add --aug policy"):
-        train_transform(Config(auto_augment="ta_wide"))
+    with pytest.raises(UserError, match="drop --aug light"):
+        train_transform(Config(aug="light", auto_augment="ta_wide"))
     steps = [type(t).__name__ for t in train_transform(Config()).transforms]
     # the seed list stays the default; on the CPU its colour steps and blur run as ColourLUT and RandomBlur
     assert steps == ["RandomResizedCrop", "RandomAffine", "RandomHorizontalFlip", "ColourLUT", "RandomBlur",
