@@ -262,7 +262,8 @@ def shown_value(value: Any) -> str:
 def default_suffix(value: Any) -> str:
     """The "(default: ...)" that --help adds to a config flag's text; none for an empty default, whose meaning the
     text itself says (e.g. "empty = decode the originals")."""
-    return "" if value in ("", None) else f" (default: {shown_value(value)})"
+    empty = value is None or (isinstance(value, (str, list, tuple)) and len(value) == 0)
+    return "" if empty else f" (default: {shown_value(value)})"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -334,8 +335,11 @@ def setting_args(f, value, path):
             raise wrong("true or false")
         return [flag(f.name) if value else "--no-" + flag(f.name)[2:]]
     if isinstance(default, list):
-        if not isinstance(value, list) or len(value) != len(default):
-            raise wrong(f"a list of {len(default)} numbers")
+        count = f.metadata["nargs"] or len(default)
+        if isinstance(value, list) and not value and not default:
+            return []  # empty, as the default: the model's own (--mean, --std)
+        if not isinstance(value, list) or len(value) != count:
+            raise wrong(f"a list of {count} numbers")
         return [flag(f.name), *[file_value(0.0, v, wrong) for v in value]]
     text = file_value(default, value, wrong)
     if f.metadata["choices"] and text not in f.metadata["choices"]:

@@ -14,7 +14,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import default_suffix  # noqa: E402 (after the path insert above)
+from config import default_suffix, shown_value  # noqa: E402 (after the path insert above)
 
 START, END = "<!-- flags:start -->", "<!-- flags:end -->"
 
@@ -26,25 +26,14 @@ def cell(text):
     return text
 
 
-def show_value(value):
-    """A default as a user would type it: 1e+08 rather than 100000000.0, 5e-05 rather than 5e-5's repr."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return " ".join(show_value(v) for v in value)
-    return str(value)
-
-
 def default_cell(action):
     # an empty default ("", None or []) means "not set": a dash reads better than an empty pair of quotes
     if action.default in ("", None, []):
         return "—"
     # on/off are words, not values to type: the flag cell already shows --x/--no-x
     if isinstance(action.default, bool):
-        return show_value(action.default)
-    return f"`{show_value(action.default)}`"
+        return shown_value(action.default)
+    return f"`{shown_value(action.default)}`"
 
 
 def flag_cell(action):

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +26,20 @@ def run_script(script, *args, check=True, cwd=ROOT, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def copy_sample(root, classes, train, val, test):
+    """The first `train` / `val` images of each of the sample's `classes` and its first `test` test images, copied
+    under root in the homework layout: a small real data set for fast runs."""
+    for split, n in [("train", train), ("val", val)]:
+        for c in classes:
+            os.makedirs(root / split / c)
+            for name in sorted(os.listdir(os.path.join(SAMPLE, split, c)))[:n]:
+                shutil.copy(os.path.join(SAMPLE, split, c, name), root / split / c / name)
+    os.makedirs(root / "test")
+    for name in sorted(os.listdir(os.path.join(SAMPLE, "test")))[:test]:
+        shutil.copy(os.path.join(SAMPLE, "test", name), root / "test" / name)
+    return root
 
 
 @pytest.fixture(scope="session")

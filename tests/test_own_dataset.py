@@ -19,22 +19,24 @@ from dataset import FlatImages, center_crop, eval_transform
 from export import loaded_metadata
 
 
-def clothes(tmp_path):
-    """The sample set with its class folders named after the clothes (classes.csv) instead of 0 .. 9."""
+def clothes(tmp_path, val=True):
+    """The sample set with its class folders named after the clothes (classes.csv) instead of 0 .. 9; without
+    val/ (its images join train/) when val is False."""
     names = pd.read_csv(os.path.join(SAMPLE, "classes.csv"), dtype=str)
     words = {folder: re.sub(r"\W+", "_", name) for folder, name in zip(names["folder"], names["name"])}
     root = tmp_path / "clothes"
     for split in ("train", "val"):
         for folder, word in words.items():
-            shutil.copytree(os.path.join(SAMPLE, split, folder), root / split / word)
+            shutil.copytree(os.path.join(SAMPLE, split, folder), root / (split if val else "train") / word,
+                            dirs_exist_ok=True)
     shutil.copytree(os.path.join(SAMPLE, "test"), root / "test")
     return root, sorted(words.values())
 
 
-def find_lr(root, out):
+def find_lr(root, out, *extra):
     """train.py --find-lr: (the suggested --lr, the training command it printed, as argv)."""
     proc = run_script("train.py", "--data-dir", root, "--output-dir", out, "--run-name", "clothes", *TINY,
-                      "--epochs", 1, "--find-lr", "--lr-find-steps", 12, "--lr-find-range", 1e-5, 1)
+                      "--epochs", 1, *extra, "--find-lr", "--lr-find-steps", 12, "--lr-find-range", 1e-5, 1)
     command = next(line for line in proc.stdout.splitlines() if line.startswith("train with: "))
     words = shlex.split(command.removeprefix("train with: "))
     assert words[:2] == ["python", "train.py"] and "--find-lr" not in words and "--lr-find-steps" not in words
@@ -45,16 +47,18 @@ def find_lr(root, out):
 
 
 def test_own_dataset_walkthrough(tmp_path):
-    root, classes = clothes(tmp_path)
+    """As README "Your own dataset" walks it: no val/ folder, a held-out share of train/, early stopping."""
+    root, classes = clothes(tmp_path, val=False)
     out = tmp_path / "runs"
-    lr, train_args = find_lr(root, out)
+    lr, train_args = find_lr(root, out, "--val-fraction", 0.2, "--patience", 3)
     run_dir = out / "clothes"
     assert 1e-5 <= lr <= 1  # inside the swept range
     assert sorted(os.listdir(run_dir)) == ["lr_find.png"]  # no last.pt, best.pt, config.json, split: only the plot
     assert (run_dir / "lr_find.png").stat().st_size > 10_000
 
     run_script("train.py", *train_args)  # the printed command starts the run in the finder's folder
-    assert {"best.pt", "last.pt", "lr_find.png"} <= set(os.listdir(run_dir))
+    assert {"best.pt", "last.pt", "lr_find.png", "val_split.csv"} <= set(os.listdir(run_dir))
+    assert (pd.read_csv(run_dir / "val_split.csv")["split"] == "val").sum() == 80  # 20% of each class's 40
     history = pd.read_csv(run_dir / "history.csv")
     assert history["lr"].iloc[0] == pytest.approx(lr)  # the LR the finder suggested
     assert json.loads((run_dir / "config.json").read_text())["classes"] == classes

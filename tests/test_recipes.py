@@ -13,7 +13,7 @@ from PIL import Image
 import inference
 import train
 from config import Config
-from conftest import SAMPLE, TINY, run_main
+from conftest import TINY, copy_sample, run_main
 from augment import train_transform
 from dataset import build_train_val
 from finetune import param_groups
@@ -29,16 +29,7 @@ CLASSES = ["0", "1", "2"]
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """Three sample classes, 8 train + 4 val images each, and a few test images: seconds per epoch."""
-    root = tmp_path_factory.mktemp("small")
-    for split, n in [("train", 8), ("val", 4)]:
-        for c in CLASSES:
-            os.makedirs(root / split / c)
-            for name in sorted(os.listdir(os.path.join(SAMPLE, split, c)))[:n]:
-                shutil.copy(os.path.join(SAMPLE, split, c, name), root / split / c / name)
-    os.makedirs(root / "test")
-    for name in sorted(os.listdir(os.path.join(SAMPLE, "test")))[:6]:
-        shutil.copy(os.path.join(SAMPLE, "test", name), root / "test" / name)
-    return root
+    return copy_sample(tmp_path_factory.mktemp("small"), CLASSES, train=8, val=4, test=6)
 
 
 # ---------------------------------------------------------------- mixing

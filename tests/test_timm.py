@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import inference
 import train
 from config import Config
-from conftest import ROOT, SAMPLE, TIMING_COLUMNS, one_line_error, run_main, run_script
+from conftest import ROOT, TIMING_COLUMNS, copy_sample, one_line_error, run_main, run_script
 from finetune import param_groups, reported_lr
 from model import build_model, resolve_data, to_sync_batchnorm
 
@@ -29,16 +29,7 @@ TINY_TIMM = [*SMALL, "--weights", "none", "--epochs", "1"]
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """Three sample classes, 6 train + 3 val images each, and 4 test images."""
-    root = tmp_path_factory.mktemp("timm_data")
-    for split, n in [("train", 6), ("val", 3)]:
-        for c in CLASSES:
-            os.makedirs(root / split / c)
-            for name in sorted(os.listdir(os.path.join(SAMPLE, split, c)))[:n]:
-                shutil.copy(os.path.join(SAMPLE, split, c, name), root / split / c / name)
-    os.makedirs(root / "test")
-    for name in sorted(os.listdir(os.path.join(SAMPLE, "test")))[:4]:
-        shutil.copy(os.path.join(SAMPLE, "test", name), root / "test" / name)
-    return root
+    return copy_sample(tmp_path_factory.mktemp("timm_data"), CLASSES, train=6, val=3, test=4)
 
 
 # one architecture per family: ResNet-D, SE-ResNeXt-D, ResNeSt; named as a user may write them
