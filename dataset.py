@@ -274,7 +274,8 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def drop(self, paths):
         """Leave out files known to be unreadable (found by check_images before training)."""
-        self.samples = [(p, t) for p, t in self.samples if p not in set(paths)]
+        bad = set(paths)  # once, not once per sample: the training set can hold tens of thousands
+        self.samples = [(p, t) for p, t in self.samples if p not in bad]
         self.targets = [t for _, t in self.samples]
 
     def __getitem__(self, key):

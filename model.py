@@ -313,7 +313,7 @@ def main(argv=None):
                              "fits --max-params (the timm ones take a few seconds to count)")
     parser.add_argument("--num-classes", type=int, default=100, help="classes of the head (default: %(default)s)")
     parser.add_argument("--head", choices=["mlp", "linear"], default="mlp", help="head kind (default: %(default)s)")
-    parser.add_argument("--max-params", type=float, default=100e6, help="budget (default: %(default)s)")
+    parser.add_argument("--max-params", type=float, default=100e6, help="budget (default: %(default)g)")
     parser.add_argument("--flops", action="store_true",
                         help="also count each arch's forward GFLOPs per image (about a second per arch)")
     parser.add_argument("--img-size", type=int, default=0,

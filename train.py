@@ -380,9 +380,10 @@ def train_one_epoch(run: Run, loader: torch.utils.data.DataLoader, epoch: int, p
         if not group:
             continue
         count_step(run, progress, *train_step(run, group, epoch, augment))
-        stop.step_took(time.perf_counter() - start)
-        progress.seconds += time.perf_counter() - start
-        start = time.perf_counter()
+        now = time.perf_counter()
+        stop.step_took(now - start)
+        progress.seconds += now - start
+        start = now
         bar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
                         acc=f"{progress.correct / max(progress.seen, 1):.3f}",
                         img_s=f"{progress.seen / max(progress.seconds, 1e-9):.0f}")
@@ -674,11 +675,12 @@ def build_run(cfg, model, device, train_set, steps_per_epoch, run_dir) -> Run:
     setup_backends(cfg, device)
     model = prepare_model(model, cfg, device)
     dtype = amp_dtype(cfg, device)
-    optimizer = build_optimizer(model, scaled_lr(cfg))
+    run_cfg = scaled_lr(cfg)  # the LR for this number of processes; the run's saved config keeps --lr as given
+    optimizer = build_optimizer(model, run_cfg)
     counts = train_set.class_counts()
     weights = class_weights(counts, cfg.class_weights, cfg.class_weights_beta)
     return Run(cfg=cfg, model=model, device=device, dtype=dtype, optimizer=optimizer,
-               scheduler=build_scheduler(optimizer, scaled_lr(cfg), steps_per_epoch),
+               scheduler=build_scheduler(optimizer, run_cfg, steps_per_epoch),
                scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                ema=make_ema(unwrap(model), cfg.ema_decay) if cfg.ema else None,  # a copy of the plain module
                criterion=TrainLoss(cfg, weights.to(device) if weights is not None else None),
