@@ -1,31 +1,40 @@
 """Training augmentation: the --aug lists, in their two forms.
 
-Loader side (per image, in the loader workers, on PIL images): train_transform builds the list of --aug; for the
-seed list on the CPU its colour steps run as one lookup table (ColourLUT) and the blur on the uint8 pixels
-(RandomBlur).
+Loader side (per image, in the loader workers): train_transform builds the list of --aug. The seed and light lists
+run on the uint8 pixels with OpenCV (OpenCVAugment: crop, affine, flip, colour jitter, grayscale, blur), --aug policy
+runs torchvision's transforms on the PIL image.
 Device side (per batch, on the training device, with per-image draws): BatchAugment runs the seed list's colour
 jitter, grayscale and blur when training on CUDA (--augment-on), and random_erasing runs after normalisation in
 every case (dataset.to_float_batch calls both).
 
 Ops in two forms: ColorJitter (brightness, contrast, saturation, hue, in a random order), RandomGrayscale and
-GaussianBlur exist as ColourLUT/RandomBlur (loader) and BatchAugment (device); both draw their parameters the way
-torchvision does and use the same colour functions below. tests/test_fast_paths.py keeps each equal to torchvision's
-own transform on the same draws (and so to each other); tests/test_dataset.py checks the erasing boxes.
+GaussianBlur exist as OpenCVAugment's colour steps (loader) and BatchAugment (device). Both draw their parameters
+with torchvision's own samplers (or the way torchvision does, per image) and tests/test_augment.py keeps each equal
+to torchvision's own transform on the same draws (and so to each other): the loader form against torchvision's PIL
+kernels within a level or two of 255, the device form against its tensor kernels; it also checks the erasing boxes.
 """
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.functional import _get_inverse_affine_matrix
 
 from errors import UserError
 
+# One image is too small a job to split across threads: the loader's workers are the parallelism, and OpenCV's own
+# threads in each of them would only compete for the same cores.
+cv2.setNumThreads(1)
+
 if TYPE_CHECKING:
+    from PIL import Image
+
     from config import Config
 
 
@@ -59,40 +68,38 @@ def interpolation_mode(name: str) -> v2.InterpolationMode:
     return v2.InterpolationMode(name or "bilinear")
 
 
-def train_transform(cfg: Config) -> v2.Compose:
+def torchvision_geometry(cfg: Config) -> list:
+    """torchvision's geometric steps of --aug: crop, affine and flip for the seed list, crop and flip otherwise.
+    --aug policy runs them; OpenCVAugment draws its parameters with them (and tests compare it with them)."""
+    crop = v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale),
+                                interpolation=interpolation_mode(cfg.interpolation), antialias=True)
+    flip = v2.RandomHorizontalFlip(cfg.hflip)
+    if cfg.aug != "seed":
+        return [crop, flip]
+    affine = v2.RandomAffine(degrees=cfg.affine_degrees, translate=(cfg.affine_translate, cfg.affine_translate),
+                             scale=tuple(cfg.affine_scale))
+    return [crop, affine, flip]
+
+
+def train_transform(cfg: Config) -> OpenCVAugment | v2.Compose:
     """The train augmentation of --aug, every number from the config; output is a uint8 CHW tensor.
 
     seed: the hand-tuned list; policy: crop, flip and an --auto-augment policy in place of the hand-tuned colour and
     geometry steps (as torchvision's reference recipes do); light: crop and flip only.
 
-    With the seed list, when the batch augmentation is on (training on CUDA, or --augment-on batch) only the
-    geometric steps run here, on the PIL image; colour jitter, grayscale and blur follow per batch on the GPU
-    (BatchAugment), where they cost next to nothing. Otherwise the whole list runs here, per image, with the
-    colour steps as one lookup table (ColourLUT) and the blur on the uint8 pixels (RandomBlur): the same draws as
-    torchvision's transforms at a fraction of the cost of PIL's HSV round trip and the tensor blur of a PIL image.
+    seed and light run on the uint8 pixels with OpenCV (OpenCVAugment), a few times faster than torchvision's
+    transforms of a PIL image; policy runs torchvision's transforms. With the seed list, when the batch augmentation
+    is on (training on CUDA, or --augment-on batch) only the geometric steps run here; colour jitter, grayscale and
+    blur follow per batch on the device (BatchAugment), where they cost next to nothing.
     """
     if cfg.aug == "policy" and cfg.auto_augment == "none":
         raise UserError("--aug policy needs a policy: add --auto-augment ta_wide, rand-m9, augmix or imagenet")
     if cfg.aug != "policy" and cfg.auto_augment != "none":
         raise UserError(f"--auto-augment {cfg.auto_augment} is a policy of --aug policy, not of --aug {cfg.aug}: "
                         f"drop --aug {cfg.aug} (a policy alone implies --aug policy)")
-    crop_and_flip = [v2.RandomResizedCrop(cfg.img_size, scale=tuple(cfg.rrc_scale),
-                                          interpolation=interpolation_mode(cfg.interpolation), antialias=True),
-                     v2.RandomHorizontalFlip(cfg.hflip)]
-    if cfg.aug == "light":
-        steps = crop_and_flip
-    elif cfg.aug == "policy":
-        steps = crop_and_flip + [auto_augment_policy(cfg.auto_augment)]
-    else:
-        steps = [
-            crop_and_flip[0],
-            v2.RandomAffine(degrees=cfg.affine_degrees, translate=(cfg.affine_translate, cfg.affine_translate),
-                            scale=tuple(cfg.affine_scale)),
-            crop_and_flip[1],
-        ]
-    if cfg.aug == "seed" and not batch_augment_on(cfg):
-        steps += [ColourLUT(cfg.jitter, cfg.grayscale), RandomBlur(cfg.blur, cfg.blur_sigma, cfg.blur_kernel)]
-    return v2.Compose(steps + [v2.PILToTensor()])
+    if cfg.aug == "policy":
+        return v2.Compose(torchvision_geometry(cfg) + [auto_augment_policy(cfg.auto_augment), v2.PILToTensor()])
+    return OpenCVAugment(cfg, colour=cfg.aug == "seed" and not batch_augment_on(cfg))
 
 
 def draw_params(transform, img):
@@ -102,76 +109,132 @@ def draw_params(transform, img):
     return draw([img])
 
 
-class ColourLUT:
-    """ColorJitter (its four factors in a random order) and RandomGrayscale of a PIL image in one pass: the
-    composition of the image's drawn operations is tabulated on a grid of RGB colours and applied with PIL's
-    Color3DLUT (trilinear interpolation in C).
+class OpenCVAugment:
+    """The seed list of --aug (crop, affine, flip, colour jitter, grayscale, blur), its geometry alone or --aug
+    light's crop and flip, on the image's uint8 RGB pixels with OpenCV; returns a uint8 CHW tensor.
 
-    The factors, order and coin come from torchvision's own sampling, so the distribution is the seed's. The pixels
-    differ from torchvision's PIL chain by a few levels of 255 at most: one rounding instead of one per operation
-    (PIL's hue goes through an 8-bit HSV image) and the interpolation between grid colours; contrast blends with
-    the grey mean of the image as it is at that point of the order, estimated on every 4th pixel of every 4th row.
-    torchvision's hue step alone is an HSV round trip of the image; here the image is read and written once.
+    Every random number is drawn by torchvision's own transforms (draw_params) in the order of the torchvision list
+    (torchvision_geometry, then ColorJitter, RandomGrayscale and RandomApply([GaussianBlur])), so the distribution
+    is the seed's and one seed gives the same draws. The pixels follow torchvision's PIL kernels within a level or
+    two of 255 (tests/test_augment.py measures each op): the crop is resized antialiased as PIL does, the affine and
+    the flip are one nearest-neighbour warp, the colour steps are lookup tables, blends and an 8-bit HSV hue shift as
+    PIL's, the blur is OpenCV's Gaussian with torchvision's kernel, sigma and reflect padding.
     """
 
-    def __init__(self, jitter, grayscale, grid=17):
-        b, c, s, h = jitter
-        self.jitter = v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
-        self.grayscale, self.grid = grayscale, grid
-        levels = torch.linspace(0, 1, grid)
-        blue, green, red = torch.meshgrid(levels, levels, levels, indexing="ij")  # red varies fastest, as PIL wants
-        self.colours = torch.stack([red, green, blue]).reshape(1, 3, -1, 1)
+    def __init__(self, cfg: Config, colour: bool) -> None:
+        geometry = torchvision_geometry(cfg)
+        self.crop, self.flip = geometry[0], geometry[-1]
+        self.affine = geometry[1] if len(geometry) == 3 else None
+        self.jitter = self.blur = None
+        if colour:
+            b, c, s, h = cfg.jitter
+            self.jitter = v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
+            self.grayscale, self.blur_p = cfg.grayscale, cfg.blur
+            self.blur = v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))
 
-    def __call__(self, img):
-        params = draw_params(self.jitter, img)
-        grey = torch.rand(1).item() < self.grayscale  # v2.RandomGrayscale's coin
-        names = [["brightness", "contrast", "saturation", "hue"][i] for i in params["fn_idx"].tolist()]
-        names = [name for name in names if params[f"{name}_factor"] is not None]
-        if not names and not grey:
-            return img
-        x = self.colours.clone()
-        grid = x.shape[2]
-        if "contrast" in names:  # the image's own colours go through the steps before contrast with the grid
-            pixels = torch.from_numpy(np.asarray(img)[::4, ::4].reshape(-1, 3).T / 255.0).float()
-            x = torch.cat([x, pixels.reshape(1, 3, -1, 1)], dim=2)
-        for name in names:
+    def __call__(self, img: Image.Image | np.ndarray) -> torch.Tensor:
+        x = self.geometry(np.asarray(img))
+        if self.jitter is not None:
+            x = self.random_blur(self.colour(x))
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    def geometry(self, x):
+        box = draw_params(self.crop, size_of(x))
+        x = resize(x[box["top"]:box["top"] + box["height"], box["left"]:box["left"] + box["width"]],
+                   self.crop.size, self.crop.interpolation)
+        matrix = None
+        if self.affine is not None:
+            p = draw_params(self.affine, size_of(x))
+            height, width = x.shape[:2]
+            matrix = _get_inverse_affine_matrix([width * 0.5, height * 0.5], p["angle"], p["translate"],
+                                                p["scale"], p["shear"])
+        flip = torch.rand(1).item() < self.flip.p  # v2.RandomHorizontalFlip's coin
+        if matrix is None:
+            return cv2.flip(x, 1) if flip else x
+        return warp(x, matrix, flip)
+
+    def colour(self, x):
+        params = draw_params(self.jitter, size_of(x))
+        for i in params["fn_idx"].tolist():
+            name = ["brightness", "contrast", "saturation", "hue"][i]
             factor = params[f"{name}_factor"]
-            if name == "brightness":
-                x = adjust_brightness(x, factor)
-            elif name == "saturation":
-                x = adjust_saturation(x, factor)
-            elif name == "hue":
-                x = adjust_hue(x, torch.tensor([factor]))
-            else:
-                x = blend(x[:, :, :grid], luma(x[:, :, grid:]).mean(), factor)
-        if grey:
-            x = luma(x).expand(-1, 3, -1, -1)
-        table = x.reshape(3, -1).T.numpy()
-        return img.filter(ImageFilter.Color3DLUT(self.grid, table))
+            if factor is not None:
+                x = COLOUR_OPS[name](x, factor)
+        if torch.rand(1).item() < self.grayscale:  # v2.RandomGrayscale's coin
+            x = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        return x
+
+    def random_blur(self, x):
+        if torch.rand(1).item() >= self.blur_p:  # v2.RandomApply's coin
+            return x
+        sigma = draw_params(self.blur, size_of(x))["sigma"][0]
+        return cv2.GaussianBlur(x, tuple(self.blur.kernel_size), sigmaX=sigma, sigmaY=sigma,
+                                borderType=cv2.BORDER_REFLECT_101)  # torch's 'reflect' padding
 
 
-class RandomBlur:
-    """v2.RandomApply([v2.GaussianBlur(kernel, sigma)], p) of a PIL image, done on its uint8 pixels with numpy:
-    the same drawn sigma, the same kernel and reflect padding as torchvision's, applied as two 1-D passes instead
-    of the 2-D convolution of a float tensor (equal up to float rounding, so within one level of 255)."""
+def size_of(x):
+    """An empty tensor with the height and width of an HWC array: all torchvision's samplers read of the image."""
+    return torch.empty(0, x.shape[0], x.shape[1])
 
-    def __init__(self, p, sigma, kernel):
-        self.p, self.blur = p, v2.GaussianBlur(kernel, sigma=tuple(sigma))
 
-    def __call__(self, img):
-        if torch.rand(1).item() >= self.p:  # v2.RandomApply's coin
-            return img
-        sigma = draw_params(self.blur, img)["sigma"][0]
-        size = self.blur.kernel_size[0]
-        half = (size - 1) / 2
-        weights = np.exp(-0.5 * (np.linspace(-half, half, size) / sigma) ** 2)
-        weights = (weights / weights.sum()).astype(np.float32)
-        pad = size // 2
-        x = np.pad(np.asarray(img, dtype=np.float32), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-        height, width = img.height, img.width
-        rows = sum(w * x[:, i:i + width] for i, w in enumerate(weights))
-        out = sum(w * rows[i:i + height] for i, w in enumerate(weights))
-        return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+def resize(x, size, interpolation):
+    """Resize an HWC uint8 array to size = (height, width) as torchvision resizes the PIL crop: antialiased (PIL's
+    filters, here torch's uint8 kernel written to match them) except where OpenCV's bilinear gives the same pixels,
+    an enlargement."""
+    height, width = size
+    if interpolation == v2.InterpolationMode.BILINEAR and x.shape[0] <= height and x.shape[1] <= width:
+        return cv2.resize(x, (width, height), interpolation=cv2.INTER_LINEAR)
+    image = torch.from_numpy(np.require(x, requirements=["C", "W"])).permute(2, 0, 1)
+    return TF.resize(image, [height, width], interpolation=interpolation, antialias=True).permute(1, 2, 0).numpy()
+
+
+def warp(x, matrix, flip):
+    """PIL's nearest-neighbour affine transform with torchvision's inverse matrix (output -> input coordinates,
+    pixel centres at +0.5), then a horizontal flip when asked, as one cv2.warpAffine; outside pixels are 0."""
+    a, b, c, d, e, f = matrix
+    # to OpenCV's coordinates, pixel centres at whole numbers: its rounding then picks PIL's floor(x + 0.5) pixel
+    c, f = c + 0.5 * (a + b) - 0.5, f + 0.5 * (d + e) - 0.5
+    if flip:  # output column j is the unflipped column width - 1 - j
+        last = x.shape[1] - 1
+        a, c, d, f = -a, c + a * last, -d, f + d * last
+    return cv2.warpAffine(x, np.array([[a, b, c], [d, e, f]]), (x.shape[1], x.shape[0]), flags=cv2.INTER_NEAREST
+                          | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def blend_table(factor, degenerate):
+    """PIL's Image.blend(degenerate, img, factor) of a uint8 level against a constant, as a lookup table: float32
+    arithmetic, clipped and truncated as PIL does."""
+    levels = np.arange(256, dtype=np.float32)
+    out = np.float32(degenerate) + np.float32(factor) * (levels - np.float32(degenerate))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def brightness_uint8(x, factor):
+    return cv2.LUT(x, blend_table(factor, 0))
+
+
+def contrast_uint8(x, factor):
+    r, g, b = cv2.mean(x)[:3]
+    mean = int(0.299 * r + 0.587 * g + 0.114 * b + 0.5)  # PIL's rounded mean of the grey image
+    return cv2.LUT(x, blend_table(factor, mean))
+
+
+def saturation_uint8(x, factor):
+    grey = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(x, factor, grey, 1 - factor, -0.5)  # - 0.5: PIL's blend truncates, OpenCV rounds
+
+
+def hue_uint8(x, factor):
+    """PIL's hue shift: the hue of the 8-bit HSV image moves by int(factor * 255) steps, wrapping at 256 (OpenCV's
+    full-range HSV has PIL's 8-bit hue scale to within a step)."""
+    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV_FULL)
+    shift = (np.arange(256) + int(factor * 255)) % 256
+    hsv[..., 0] = cv2.LUT(hsv[..., 0], shift.astype(np.uint8))
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+COLOUR_OPS = {"brightness": brightness_uint8, "contrast": contrast_uint8, "saturation": saturation_uint8,
+              "hue": hue_uint8}
 
 
 # ---------------------------------------------------------------- augmentation of whole batches
@@ -309,10 +372,12 @@ def erasing_boxes(n, height, width, p, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
 
 
 def random_erasing(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Zero a random rectangle of each image with probability p (value 0 of the normalised image, as the seed)."""
+    """Zero a random rectangle of each image with probability p (value 0 of the normalised image, as the seed).
+
+    One slice write per erased image: the boxes are drawn on the CPU, so nothing waits for the device, and on the
+    CPU this is a small fraction of the cost of a whole-batch mask."""
     n, _, height, width = x.shape
-    top, left, h, w = erasing_boxes(n, height, width, p).to(x.device).view(n, 4, 1, 1).unbind(1)
-    rows = torch.arange(height, device=x.device).view(1, height, 1)
-    cols = torch.arange(width, device=x.device).view(1, 1, width)
-    box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-    return x.masked_fill_(box.unsqueeze(1), 0.0)
+    for i, (top, left, h, w) in enumerate(erasing_boxes(n, height, width, p).tolist()):
+        if h:
+            x[i, :, top:top + h, left:left + w] = 0.0
+    return x

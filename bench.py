@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 
 import train
 from config import Config
-from augment import BatchAugment, train_transform
+from augment import BatchAugment, torchvision_geometry, train_transform
 from dataset import (IMAGENET_MEAN, IMAGENET_STD, LabelledImages, build_train_val, collate_skipping_bad, eval_sizes,
                      eval_transform, loader_options, to_float_batch)
 from errors import run_cli
@@ -94,7 +94,7 @@ def make_synthetic(root, n_train, n_classes=10):
 def seed_transform(cfg):
     """The seed's per-image chain, all torchvision: our geometric steps (the same transforms), then ColorJitter,
     RandomGrayscale and GaussianBlur on the PIL image, float conversion, normalisation and erasing on the CPU."""
-    geometric = train_transform(dataclasses.replace(cfg, augment_on="batch")).transforms[:-1]  # without PILToTensor
+    geometric = torchvision_geometry(cfg)
     b, c, s, h = cfg.jitter
     return v2.Compose(geometric + [
         v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),

@@ -206,8 +206,8 @@ class Config:
     blur_kernel: int = opt(5, "GaussianBlur kernel size (odd)", group="augmentation")
     erasing: float = opt(0.2, "RandomErasing probability", group="augmentation")
     augment_on: str = opt("auto", "where colour jitter, grayscale and blur run: batch = per batch on the training "
-                                  "device, with per-image draws; loader = per image in the loader workers (one colour "
-                                  "lookup table and a numpy blur per image); auto = the faster of the two for the "
+                                  "device, with per-image draws; loader = per image in the loader workers (with OpenCV, "
+                                  "on the uint8 pixels); auto = the faster of the two for the "
                                   "device: batch when training on CUDA, loader on the CPU",
                           choices=["auto", "batch", "loader"], group="augmentation")
 

@@ -1,15 +1,23 @@
-"""augment.py: each op in both its forms (per image in the loader, per batch on the device) against torchvision's
-own transform on the same draws, and the per-image draws of the batch form."""
+"""augment.py: each op in both its forms (per image in the loader with OpenCV, per batch on the device) against
+torchvision's own transform on the same draws, the loader's draws against torchvision's, and the per-image draws of
+the batch form."""
+import glob
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.functional import _get_inverse_affine_matrix
 from torchvision.transforms.v2 import functional as TF
 
+import augment
 import bench
-from augment import (BatchAugment, ColourLUT, RandomBlur, adjust_brightness, adjust_contrast, adjust_hue,
-                     adjust_saturation, draw_params, erasing_boxes, gaussian_blur, luma, train_transform)
+from augment import (BatchAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, draw_params,
+                     erasing_boxes, gaussian_blur, luma, torchvision_geometry, train_transform)
 from config import Config
+from conftest import SAMPLE
 from dataset import IMAGENET_MEAN, IMAGENET_STD, to_float_batch
 
 
@@ -69,55 +77,118 @@ def test_erasing_boxes_fit_and_follow_the_probability():
     assert area.min() > 0.01 and area.max() < 0.36
 
 
-def photo_crop(seed=0, size=96):
-    return bench.synthetic_photo(np.random.default_rng(seed), 160, 120).crop((0, 0, size, size))
+def sample_images():
+    """Real photos (data/sample, 64x64) and larger synthetic ones, so crops both shrink and grow."""
+    paths = sorted(glob.glob(os.path.join(SAMPLE, "train", "*", "*.jpg")))[::40]
+    return [Image.open(p).convert("RGB") for p in paths] + [
+        bench.synthetic_photo(np.random.default_rng(seed), 160, 120) for seed in range(3)]
 
 
-def test_loader_colour_table_matches_torchvision_jitter_and_grayscale_on_the_same_draws():
-    colour = ColourLUT([0.25, 0.25, 0.25, 0.125], 0.5, grid=17)
-    grey = np.asarray(photo_crop(1).convert("L").convert("RGB"))  # plain grey pixels stay grey
-    diffs, greyed = [], 0
-    for seed in range(24):
-        img = photo_crop(seed)
+def levels(img):
+    return np.asarray(img, dtype=int)
+
+
+def errors(pairs):
+    """Absolute differences in levels of 255, all pixels of all (ours, theirs) pairs."""
+    return np.concatenate([np.abs(levels(a) - levels(b)).ravel() for a, b in pairs])
+
+
+def torchvision_seed_list(cfg):
+    """The seed list as torchvision's own transforms of a PIL image (the reference OpenCVAugment follows)."""
+    b, c, s, h = cfg.jitter
+    return v2.Compose(torchvision_geometry(cfg) + [
+        v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h), v2.RandomGrayscale(cfg.grayscale),
+        v2.RandomApply([v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))], p=cfg.blur)])
+
+
+@pytest.mark.parametrize("aug,augment_on", [("seed", "loader"), ("seed", "batch"), ("light", "auto")])
+def test_loader_path_draws_as_torchvision_and_matches_its_output(aug, augment_on, monkeypatch):
+    cfg = Config(img_size=48, aug=aug, augment_on=augment_on, jitter=[0.4, 0.4, 0.4, 0.1], grayscale=0.2, blur=0.5)
+    ours = train_transform(cfg)
+    theirs = torchvision_seed_list(cfg) if ours.jitter is not None else v2.Compose(torchvision_geometry(cfg))
+    drawn = []  # every parameter our path draws, through augment.draw_params
+    monkeypatch.setattr(augment, "draw_params", lambda t, img: drawn.append(draw_params(t, img)) or drawn[-1])
+    pairs, states = [], []
+    for seed, img in enumerate(sample_images() * 2):
         torch.manual_seed(seed)
-        ours = np.asarray(colour(img), dtype=float)
-        torch.manual_seed(seed)  # the same draws, in the same order, through torchvision's own kernels
-        theirs = colour.jitter.transform(img, draw_params(colour.jitter, img))
-        if torch.rand(1).item() < 0.5:
-            theirs, greyed = TF.rgb_to_grayscale(theirs, 3), greyed + 1
-        diffs.append(np.abs(ours - np.asarray(theirs, dtype=float)))
-    diffs = np.stack(diffs)
-    assert 4 <= greyed <= 20  # both branches of the grayscale coin were compared
-    assert diffs.mean() < 2.5 and np.percentile(diffs, 99) <= 10  # levels of 255
-    assert diffs.mean(axis=(1, 2, 3)).max() < 4  # no image is off as a whole
-    assert np.array_equal(np.asarray(ColourLUT([0, 0, 0, 0], 0, grid=17)(Image.fromarray(grey))), grey)
-
-
-def test_loader_blur_matches_torchvision_blur_on_the_same_sigma():
-    img = photo_crop()
-    blur = RandomBlur(1.0, (0.1, 1.0), 5)
-    changed = 0
-    for seed in range(4):
+        out = ours(img).permute(1, 2, 0).numpy()
+        after_ours = torch.get_rng_state()
         torch.manual_seed(seed)
-        ours = np.asarray(blur(img), dtype=int)
-        torch.manual_seed(seed)
-        torch.rand(1)  # RandomApply's coin
-        theirs = np.asarray(TF.gaussian_blur(img, [5, 5], draw_params(blur.blur, img)["sigma"]), dtype=int)
-        assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01
-        changed += not np.array_equal(ours, np.asarray(img))
-    assert changed >= 2  # the sigmas drawn blur visibly
-    torch.manual_seed(0)
-    kept = sum(RandomBlur(0.3, (0.1, 1.0), 5)(img) is img for _ in range(400))
-    assert 250 < kept < 310  # blurred with probability 0.3
+        pairs.append((out, theirs(img)))
+        states.append(torch.equal(after_ours, torch.get_rng_state()))
+        assert out.shape == (48, 48, 3)
+    assert all(states)  # the same number of draws, in the same order: with the same seed, the same parameters
+    each = (2 if aug == "seed" else 1) + (ours.jitter is not None)  # crop, affine, colour factors; blur sigma if
+    assert len(drawn) == len(pairs) * each + sum("sigma" in p for p in drawn)  # its coin says so
+    diff = errors(pairs)
+    per_image = [np.abs(levels(a) - levels(b)).mean() for a, b in pairs]
+    assert diff.mean() < 1.0 and max(per_image) < 3  # levels of 255; no image off as a whole
+    assert np.percentile(diff, 99) <= 8  # a few pixels: hue steps, warp rounding at edges
 
 
-def test_loader_keeps_the_colour_steps_unless_they_run_per_batch():
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
-    for where, steps in [("batch", 4), ("loader", 6)]:
-        transform = train_transform(Config(img_size=32, augment_on=where))
-        assert len(transform.transforms) == steps
-        assert transform(img).dtype == torch.uint8
+def test_loader_draws_follow_the_seed_and_the_config():
+    img = sample_images()[0]
+    transform = train_transform(Config(img_size=32, blur=0.0, grayscale=0.0))
+    torch.manual_seed(3)
+    first = transform(img)
+    torch.manual_seed(3)
+    assert torch.equal(transform(img), first)
+    assert not torch.equal(transform(img), first)  # a new draw
+    assert train_transform(Config(img_size=32, augment_on="batch")).jitter is None  # colour per batch instead
     assert BatchAugment.from_config(Config(augment_on="loader")) is None
+
+
+def test_loader_geometry_matches_torchvision_crop_resize_affine_and_flip():
+    cfg = Config(img_size=48)
+    crop, affine, flip = torchvision_geometry(cfg)
+    resized, warped = [], []
+    for img in sample_images():
+        for seed in range(4):
+            torch.manual_seed(seed)
+            box = draw_params(crop, img)
+            theirs = crop.transform(img, box)
+            ours = augment.resize(np.asarray(img)[box["top"]:box["top"] + box["height"],
+                                                  box["left"]:box["left"] + box["width"]], crop.size, crop.interpolation)
+            resized.append((ours, theirs))
+            angle = draw_params(affine, theirs)
+            matrix = _get_inverse_affine_matrix([24.0, 24.0], angle["angle"], angle["translate"], angle["scale"],
+                                                angle["shear"])
+            for flipped in (False, True):
+                moved = affine.transform(theirs, angle)
+                warped.append((augment.warp(np.asarray(theirs), matrix, flipped),
+                               TF.horizontal_flip(moved) if flipped else moved))
+    diff = errors(resized)
+    assert diff.mean() < 0.3 and diff.max() <= 1  # antialiased as PIL, where it shrinks and where it grows
+    diff = errors(warped)
+    assert (diff == 0).mean() > 0.999  # the same source pixel but for rounding ties of the nearest neighbour
+    assert flip.p == cfg.hflip
+
+
+@pytest.mark.parametrize("name,theirs,factors,mean,most", [
+    ("brightness", TF.adjust_brightness, [0.6, 0.9, 1.2, 1.4], 0.0, 0),
+    ("contrast", TF.adjust_contrast, [0.6, 0.9, 1.2, 1.4], 0.05, 1),
+    ("saturation", TF.adjust_saturation, [0.6, 0.9, 1.2, 1.4], 0.5, 1),
+    ("hue", TF.adjust_hue, [-0.1, -0.03, 0.05, 0.1], 1.0, 8)])
+def test_loader_colour_steps_match_torchvision_on_the_same_factor(name, theirs, factors, mean, most):
+    pairs = [(augment.COLOUR_OPS[name](np.asarray(img), f), theirs(img, f)) for img in sample_images() for f in factors]
+    diff = errors(pairs)
+    assert diff.mean() <= mean and np.percentile(diff, 99) <= most  # levels of 255
+
+
+def test_loader_grayscale_and_blur_match_torchvision():
+    cfg = Config(img_size=48, jitter=[0, 0, 0, 0], grayscale=1.0, blur=1.0)
+    transform = train_transform(cfg)
+    theirs = v2.Compose(torchvision_seed_list(cfg).transforms[-3:])  # jitter (no factors), grayscale, blur
+    pairs = []
+    for seed, img in enumerate(sample_images()):
+        img = img.resize((48, 48))
+        torch.manual_seed(seed)
+        ours = transform.random_blur(transform.colour(np.asarray(img)))
+        torch.manual_seed(seed)
+        pairs.append((ours, theirs(img)))
+    diff = errors(pairs)
+    assert diff.mean() < 0.1 and diff.max() <= 1
+    assert all(np.ptp(ours, axis=2).max() == 0 for ours, _ in pairs)  # grey: three equal channels
 
 
 def test_train_transform_gives_uint8_crops_and_batches_normalise():
