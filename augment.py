@@ -121,6 +121,8 @@ class OpenCVAugment:
     PIL's, the blur is OpenCV's Gaussian with torchvision's kernel, sigma and reflect padding.
     """
 
+    takes_arrays = True  # LabelledImages may hand it OpenCV's decode of a plain JPEG instead of a PIL image
+
     def __init__(self, cfg: Config, colour: bool) -> None:
         geometry = torchvision_geometry(cfg)
         self.crop, self.flip = geometry[0], geometry[-1]

@@ -49,6 +49,38 @@ def test_exif_rotation_is_applied(tmp_path):
     assert load_rgb(path).size == (20, 40)
 
 
+def test_plain_jpegs_decode_to_the_pixels_of_pil_and_every_other_file_is_left_to_pil(tmp_path):
+    import torch
+    from augment import train_transform
+    from conftest import SAMPLE
+    from dataset import LabelledImages, plain_jpeg_rgb
+    photo = Image.open(os.path.join(SAMPLE, "train", "3", sorted(os.listdir(os.path.join(SAMPLE, "train", "3")))[0]))
+    photo = photo.convert("RGB").resize((96, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {"baseline": dict(quality=90), "progressive": dict(progressive=True), "grey": dict(mode="L"),
+             "rotated": dict(exif=exif), "cmyk": dict(mode="CMYK"), "png inside": dict(format="PNG")}
+    for name, options in files.items():
+        mode = options.pop("mode", "RGB")
+        photo.convert(mode).save(tmp_path / f"{name}.jpg", **({"format": "JPEG"} | options))
+    data = (tmp_path / "baseline.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    for name in ["baseline", "progressive", "grey"]:  # OpenCV's decode: the same libjpeg, the same pixels
+        path = str(tmp_path / f"{name}.jpg")
+        assert np.array_equal(plain_jpeg_rgb(path), np.asarray(load_rgb(path)))
+    for name in ["rotated", "cmyk", "png inside", "truncated"]:
+        assert plain_jpeg_rgb(str(tmp_path / f"{name}.jpg")) is None
+    # the training set hands the OpenCV transform the array, with the same augmented result as from PIL's image
+    os.makedirs(tmp_path / "train" / "a")
+    os.replace(tmp_path / "baseline.jpg", tmp_path / "train" / "a" / "x.jpg")
+    transform = train_transform(Config(img_size=32))
+    data = LabelledImages(str(tmp_path / "train"), ["a"], transform)
+    torch.manual_seed(0)
+    expected = transform(load_rgb(data.samples[0][0]))
+    torch.manual_seed(0)
+    assert torch.equal(data[0][0], expected)
+
+
 def test_unreadable_file_is_a_bad_image(tmp_path):
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"not an image at all")
