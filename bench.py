@@ -314,13 +314,14 @@ def seed_epoch(cfg, data_dir, device):
             targets.append(y)
     with tempfile.TemporaryDirectory() as tmp:
         seed_heatmap(torch.cat(targets).numpy(), torch.cat(preds).numpy(), classes, os.path.join(tmp, "cm.png"))
-    return len(train_loader) * cfg.batch_size, None
+    return len(train_loader) * cfg.batch_size, None, 0.0
 
 
 def our_epoch(cfg, data_dir, device):
     """One epoch through train.py's own functions (loaders, step, validation), without the checkpoint writes.
-    Returns the images trained on and the seconds of the training loop alone (after two warm-up steps on a random
-    batch, as the bare step gets: cuDNN autotuning and compilation are not the loop's cost)."""
+    Returns the images trained on, the seconds of the training loop alone, and those of two warm-up steps on a
+    random batch before it, as the bare step gets them (cuDNN autotuning and compilation are not the loop's cost;
+    the whole-epoch time leaves them out, as the seed's epoch has none)."""
     cfg = dataclasses.replace(cfg, data_dir=data_dir, epochs=1)
     train_set, val_set, classes = build_train_val(cfg)
     train.setup_backends(cfg, device)
@@ -335,12 +336,11 @@ def our_epoch(cfg, data_dir, device):
                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                   criterion=TrainLoss(cfg, None), run_dir=run_dir)  # save_every_steps 0: no checkpoint written
         warm_up = random_batch(cfg, len(classes))
-        for _ in range(2):
-            train.train_step(run, [warm_up], epoch=0)
+        warm_up_seconds = timed(lambda: [train.train_step(run, [warm_up], epoch=0) for _ in range(2)], device)
         train_seconds = timed(lambda: train.train_one_epoch(run, train_loader, epoch=0, progress=progress, stop=stop),
                               device)
     train.evaluate(model, val_loader, run)
-    return progress.seen, train_seconds
+    return progress.seen, train_seconds, warm_up_seconds
 
 
 def random_batch(cfg, num_classes):
@@ -383,12 +383,12 @@ def epoch_rates(cfg, data_dir, device, steps, repeats):
     for name, run in [("seed", seed_epoch), ("ours", our_epoch)]:
         seed_everything(0)
         start = time.perf_counter()
-        images, loop_seconds = run(cfg, data_dir, device)
+        images, loop_seconds, warm_up_seconds = run(cfg, data_dir, device)
         sync(device)
-        rates[name] = images / (time.perf_counter() - start)
+        rates[name] = images / (time.perf_counter() - start - warm_up_seconds)
     loop_rate = images / loop_seconds  # ours, the last of the two
     after = alternating_rates({"bare": bare}, cfg, device, steps, max(1, repeats - repeats // 2))["bare"]
-    bare_rate = statistics.median([before, after])
+    bare_rate = (before + after) / 2  # the load may change while the epochs run: timed on both sides of them
     workers = default_workers(cfg.workers)
     return [row("whole epoch", f"{cfg.arch}@{cfg.img_size}, train + val, ours {workers} workers, seed 2",
                 rates["ours"], rates["seed"]),
