@@ -7,6 +7,9 @@ measured in the same run: the ratios, not the absolute numbers, are what carry f
 Seed style = PIL decode of the full-size JPEG, torchvision's whole augmentation per image in the loader (ColorJitter's
 hue and the GaussianBlur on PIL images), float conversion and normalisation on the CPU, 2 loader workers, NCHW, fp32
 on CPU and fp16 with a grad scaler on GPU, a loss.item() every step and an annotated confusion heatmap every epoch.
+The whole-epoch part also gives the loop efficiency: our training loop's images/s over real images as a share of the
+bare forward + backward + AdamW step of the same model and batch (target >= 85%). On a CPU with native bf16 (or with
+--cpu-bf16) the step part adds our bf16 autocast step against our float32 step.
 Prints a table and writes it as JSON (default bench.json).
 """
 import argparse
@@ -34,7 +37,8 @@ from model import build_model, resolve_data
 from plots import confusion_counts, pyplot, save_figure
 from resume import GracefulStop, Progress
 from run import Run
-from runtime import amp_dtype, autocast, default_workers, pick_device, seed_everything
+from runtime import (amp_dtype, autocast, default_workers, native_cpu_bf16, pick_device, precision_name,
+                     seed_everything)
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, for the MFU column
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -56,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile our model for the step part")
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="loader worker counts for the input part (default: 0 and one per free core)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="on the CPU, also time our step under bf16 autocast against float32 even where the CPU only "
+                        "emulates bf16 (far slower there); where it computes bf16 natively the row is always added")
     p.add_argument("--images", type=int, default=128, help="synthetic train images (val gets a quarter): one "
                                                            "input-pipeline run and one epoch (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2, help="training steps per timed round, after 2 warm-up steps "
@@ -225,31 +232,51 @@ def step_flops(model, cfg, device, dtype):
     return counter.get_total_flops()
 
 
-def step_rates(arch, cfg, device, steps, repeats):
-    """Seed-style and our step timed in turns (repeats rounds of `steps` steps each), so that a change in the
-    machine's load hits both; the median round counts."""
-    styles = {style: make_step(arch, cfg, device, style == "seed") for style in ("seed", "ours")}
-    for step, model, _ in styles.values():
-        model.train()
+def alternating_rates(steps_by_name, cfg, device, steps, repeats):
+    """Images/s of each step closure, timed in turns (repeats rounds of `steps` steps each, after 2 warm-up steps)
+    so that a change in the machine's load hits all of them; the median round counts."""
+    for step in steps_by_name.values():
         for _ in range(2):
             step()  # warm-up: cuDNN autotuning, compilation, allocator
-    seconds = {style: [] for style in styles}
+    seconds = {name: [] for name in steps_by_name}
     for _ in range(repeats):
-        for style, (step, _, _) in styles.items():
-            seconds[style].append(timed(lambda: [step() for _ in range(steps)], device))
-    rates = {style: steps * cfg.batch_size / statistics.median(s) for style, s in seconds.items()}
+        for name, step in steps_by_name.items():
+            seconds[name].append(timed(lambda: [step() for _ in range(steps)], device))
+    return {name: steps * cfg.batch_size / statistics.median(s) for name, s in seconds.items()}
+
+
+def step_setting(arch, cfg, dtype):
+    return (f"{arch}@{cfg.img_size} b{cfg.batch_size} {precision_name(dtype)} "
+            f"{'channels_last' if cfg.channels_last else 'NCHW'}{' compiled' if cfg.compile else ''}")
+
+
+def step_rates(arch, cfg, device, steps, repeats):
+    """Seed-style and our step timed in turns; on a GPU also TFLOP/s, MFU and peak memory."""
+    styles = {style: make_step(arch, cfg, device, style == "seed") for style in ("seed", "ours")}
+    for _, model, _ in styles.values():
+        model.train()
+    rates = alternating_rates({style: step for style, (step, _, _) in styles.items()}, cfg, device, steps, repeats)
     extra = {}
+    _, model, dtype = styles["ours"]
     if device.type == "cuda":
         extra["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # both models together
-        _, model, dtype = styles["ours"]
         tflops = step_flops(model, cfg, device, dtype) * rates["ours"] / cfg.batch_size / 1e12
         extra["ours_tflops"] = round(tflops, 1)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
         if peak:
             extra["ours_mfu"] = round(tflops / peak, 3)
-    setting = (f"{arch}@{cfg.img_size} b{cfg.batch_size} {cfg.amp if device.type == 'cuda' else 'fp32'} "
-               f"{'channels_last' if cfg.channels_last else 'NCHW'}{' compiled' if cfg.compile else ''}")
-    return row("train step", setting, rates["ours"], rates["seed"], **extra)
+    return row("train step", step_setting(arch, cfg, dtype), rates["ours"], rates["seed"], **extra)
+
+
+def cpu_bf16_rates(arch, cfg, device, steps, repeats):
+    """Our step under bf16 autocast against our float32 step on the CPU, in turns: bf16 pays off only where the
+    CPU computes it natively (AVX512-BF16, AMX, Arm BF16); emulated it is far slower, which is why --amp auto
+    keeps float32 on such a CPU."""
+    closures = {amp: make_step(arch, dataclasses.replace(cfg, amp=amp), device, False)[0] for amp in ("bf16", "off")}
+    rates = alternating_rates(closures, cfg, device, steps, repeats)
+    native = "native bf16" if native_cpu_bf16() else "emulated bf16 (no bf16 instructions): slow"
+    return row("train step bf16", f"{step_setting(arch, cfg, torch.bfloat16)}, {native}; seed column = our "
+               "float32 step", rates["bf16"], rates["off"])
 
 
 def seed_epoch(cfg, data_dir, device):
@@ -287,11 +314,14 @@ def seed_epoch(cfg, data_dir, device):
             targets.append(y)
     with tempfile.TemporaryDirectory() as tmp:
         seed_heatmap(torch.cat(targets).numpy(), torch.cat(preds).numpy(), classes, os.path.join(tmp, "cm.png"))
-    return len(train_loader) * cfg.batch_size
+    return len(train_loader) * cfg.batch_size, None, 0.0
 
 
 def our_epoch(cfg, data_dir, device):
-    """One epoch through train.py's own functions (loaders, step, validation), without the checkpoint writes."""
+    """One epoch through train.py's own functions (loaders, step, validation), without the checkpoint writes.
+    Returns the images trained on, the seconds of the training loop alone, and those of two warm-up steps on a
+    random batch before it, as the bare step gets them (cuDNN autotuning and compilation are not the loop's cost;
+    the whole-epoch time leaves them out, as the seed's epoch has none)."""
     cfg = dataclasses.replace(cfg, data_dir=data_dir, epochs=1)
     train_set, val_set, classes = build_train_val(cfg)
     train.setup_backends(cfg, device)
@@ -305,22 +335,66 @@ def our_epoch(cfg, data_dir, device):
                   scheduler=train.build_scheduler(optimizer, cfg, len(train_loader)),
                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                   criterion=TrainLoss(cfg, None), run_dir=run_dir)  # save_every_steps 0: no checkpoint written
-        train.train_one_epoch(run, train_loader, epoch=0, progress=progress, stop=stop)
+        warm_up = random_batch(cfg, len(classes))
+        warm_up_seconds = timed(lambda: [train.train_step(run, [warm_up], epoch=0) for _ in range(2)], device)
+        train_seconds = timed(lambda: train.train_one_epoch(run, train_loader, epoch=0, progress=progress, stop=stop),
+                              device)
     train.evaluate(model, val_loader, run)
-    return progress.seen
+    return progress.seen, train_seconds, warm_up_seconds
 
 
-def epoch_rates(cfg, data_dir, device):
+def random_batch(cfg, num_classes):
+    """A uint8 batch of --batch-size random images and its targets, as the loader gives them."""
+    return (torch.randint(0, 256, (cfg.batch_size, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8),
+            torch.randint(0, num_classes, (cfg.batch_size,)))
+
+
+def bare_step(cfg, num_classes, device):
+    """The least a training step can do with our model, batch size, image size, memory format, precision and
+    optimiser: forward, cross-entropy, backward and AdamW on one float batch already on the device, with no loader,
+    augmentation, loss bookkeeping or host synchronisation."""
+    model = train.prepare_model(build_model(cfg.arch, num_classes, "none", cfg.head, cfg.head_dropout), cfg, device)
+    model.train()
+    optimizer = train.build_optimizer(model, cfg)
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    images, targets = random_batch(cfg, num_classes)
+    x = to_float_batch(images, device, channels_last=cfg.channels_last)
+    y = targets.to(device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            logits = model(x)
+        scaler.scale(torch.nn.functional.cross_entropy(logits.float(), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def epoch_rates(cfg, data_dir, device, steps, repeats):
+    """The whole epoch, ours against the seed's; and the loop efficiency: our training loop's images/s over real
+    images against the bare step's of the same model and batch, timed in rounds before and after the epoch."""
+    seed_everything(0)
+    num_classes = len(os.listdir(os.path.join(data_dir, "train")))
+    bare = bare_step(cfg, num_classes, device)
+    before = alternating_rates({"bare": bare}, cfg, device, steps, max(1, repeats // 2))["bare"]
     rates = {}
     for name, run in [("seed", seed_epoch), ("ours", our_epoch)]:
         seed_everything(0)
         start = time.perf_counter()
-        images = run(cfg, data_dir, device)
+        images, loop_seconds, warm_up_seconds = run(cfg, data_dir, device)
         sync(device)
-        rates[name] = images / (time.perf_counter() - start)
+        rates[name] = images / (time.perf_counter() - start - warm_up_seconds)
+    loop_rate = images / loop_seconds  # ours, the last of the two
+    after = alternating_rates({"bare": bare}, cfg, device, steps, max(1, repeats - repeats // 2))["bare"]
+    bare_rate = (before + after) / 2  # the load may change while the epochs run: timed on both sides of them
     workers = default_workers(cfg.workers)
-    return row("whole epoch", f"{cfg.arch}@{cfg.img_size}, train + val, ours {workers} workers, seed 2",
-               rates["ours"], rates["seed"])
+    return [row("whole epoch", f"{cfg.arch}@{cfg.img_size}, train + val, ours {workers} workers, seed 2",
+                rates["ours"], rates["seed"]),
+            row("loop efficiency", f"our training loop {loop_rate:.3g} img/s over real images ({workers} workers) / "
+                f"bare forward+backward+AdamW {bare_rate:.3g} img/s", 100 * loop_rate / bare_rate, unit="%",
+                target=">= 85%")]
 
 
 def inference_rates(cfg, data_dir, device):
@@ -382,9 +456,12 @@ def main(argv=None):
         if "step" in args.parts:
             rows.append(step_rates(args.arch, cfg, device, args.steps, args.repeats))
             print(rows[-1])
+            if device.type == "cpu" and (args.cpu_bf16 or native_cpu_bf16()):
+                rows.append(cpu_bf16_rates(args.arch, cfg, device, args.steps, args.repeats))
+                print(rows[-1])
         if "epoch" in args.parts:
-            rows.append(epoch_rates(cfg, data_dir, device))
-            print(rows[-1])
+            rows += epoch_rates(cfg, data_dir, device, args.steps, args.repeats)
+            print(*rows[-2:], sep="\n")
         if "inference" in args.parts:
             rows += inference_rates(cfg, data_dir, device)
     meta["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -37,7 +37,9 @@ class Config:
     data_dir: str = opt("data", "dataset root holding train/<class>/ and val/<class>/", group="data")
     output_dir: str = opt("checkpoints", "where run folders are written", group="data")
     run_name: str = opt("", "run folder name under --output-dir (default: <arch>-<date>-<time>)", group="data")
-    workers: int = opt(-1, "data loader worker processes (-1: one per free CPU core, at most 16)", group="data")
+    workers: int = opt(-1, "data loader worker processes (-1: 0 on machines with <= 2 cores, where a worker "
+                           "process takes the core the training step needs; else one per core but the main "
+                           "process's, at most 16)", group="data")
     cache: str = opt("", "folder for a pre-resized copy of the images (short side 9/7 of --img-size, JPEG q95), "
                          "written on first use and rebuilt for files that change; empty = decode the originals",
                      group="data")
@@ -99,7 +101,10 @@ class Config:
     seed: int = opt(42, "seed for python, numpy, torch and loader workers")
     device: str = opt("auto", "where to train: auto = cuda when available, else cpu",
                       choices=["auto", "cpu", "cuda"])
-    amp: str = opt("auto", "mixed precision on CUDA: auto = bf16 where supported, else fp16; always off on CPU",
+    amp: str = opt("auto", "autocast precision: auto = on CUDA bf16 where the GPU has it, else fp16; on the CPU "
+                           "bf16 where the CPU computes it natively (AVX512-BF16, AMX, Arm BF16), else float32 "
+                           "(emulated bf16 is far slower); bf16 = bf16 (on the CPU even when emulated); fp16 = fp16 "
+                           "on CUDA, float32 on the CPU; off = float32",
                    choices=["auto", "bf16", "fp16", "off"])
     lr_scale: str = opt("none", "under torchrun: multiply --lr and --min-lr by the number of processes (linear; the "
                                 "global batch over --batch-size) or by its square root (sqrt); none = the LR as given",

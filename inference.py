@@ -37,7 +37,7 @@ from errors import UserError, run_cli
 from export import export_members
 from model import build_model, data_summary, resolve_data, short_list
 from report import Labelled, write_report
-from runtime import amp_dtype, autocast, default_workers, pick_device
+from runtime import amp_dtype, autocast, default_workers, native_cpu_bf16, pick_device, precision_name
 
 TTA_MODES = ["none", "flip", "flip-crops"]
 
@@ -82,7 +82,8 @@ def parse_args(argv=None):
                    help="with --val-dir: also report the val accuracy at each of these crop sizes, to find the best "
                         "test resolution for a model trained at another one")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=-1, help="loader processes, -1 = one per free core (default: -1)")
+    p.add_argument("--workers", type=int, default=-1, help="loader processes; -1: 0 on machines with <= 2 cores, "
+                   "where a worker process takes the core the model needs, else one per other core, at most 16")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to predict: auto = cuda when available, else cpu; under torchrun each process takes "
                         "its own GPU (default: %(default)s)")
@@ -337,12 +338,19 @@ def validate(members, classes, val_dir, args, device):
         print(f"val accuracy at eval size {size} (resize {resize}), TTA {args.tta}: {acc:.4f} ({n} images)")
 
 
+def precision_note(cfg, device):
+    """The precision the checkpoint's --amp gives on this device, and whether the CPU only emulates it."""
+    dtype = amp_dtype(cfg, device)
+    emulated = dtype == torch.bfloat16 and device.type == "cpu" and not native_cpu_bf16()
+    return precision_name(dtype) + (" (--amp bf16 of the run, emulated on this CPU: slow)" if emulated else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = distributed.setup(pick_device(args.device))
     members, classes, prior = load_members(args, device)
     for _, cfg, source, path, _ in members:
-        print(f"{path}: {cfg.arch} ({source} weights); {data_summary(cfg)}")
+        print(f"{path}: {cfg.arch} ({source} weights); {data_summary(cfg)}; {precision_note(cfg, device)}")
     print(f"{len(members)} model(s), {len(classes)} classes, TTA {args.tta}, device {device}")
     if args.export:  # one file: under torchrun the first process writes it
         return export_members(members, classes, args.export, args.tta) if distributed.is_main() else 0

@@ -57,8 +57,8 @@ from plots import plot_confusion, plot_curves
 from resume import (EpochSampler, GracefulStop, Progress, clear_run, keep_epoch_copy, remove_stale_temp_files,
                     restore_training_state, resume_path, resumed_config, run_files)
 from run import Run
-from runtime import (amp_dtype, autocast, default_workers, pick_device, rank_rng_states, seed_everything,
-                     seed_rank_streams, seed_worker)
+from runtime import (amp_dtype, autocast, default_workers, native_cpu_bf16, pick_device, precision_name,
+                     rank_rng_states, seed_everything, seed_rank_streams, seed_worker)
 from tensorboard_log import Board
 
 NONFINITE_LIMIT = 5  # non-finite losses in a row that stop the run
@@ -250,13 +250,24 @@ def folds_parent(cfg, overwrite):
 def print_warnings(cfg, device):
     """Say every setting that changes nothing in this run (config.check_config) or on this device."""
     warnings = check_config(cfg)
-    if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
-        warnings.append(f"--amp {cfg.amp} has no effect on the {device.type}: mixed precision runs on CUDA only, "
-                        "this run computes in float32")
+    warnings += cpu_precision_notes(cfg, device)
     if cfg.sync_bn and distributed.world_size() == 1:
         warnings.append("--sync-bn has no effect in a single process (it syncs BatchNorm across torchrun processes)")
     for warning in warnings:
         print(f"warning: {warning}")
+
+
+def cpu_precision_notes(cfg, device):
+    if device.type != "cpu":
+        return []
+    if cfg.amp == "fp16":
+        return ["--amp fp16 has no effect on the CPU (fp16 autocast there is slower than float32 and would need a "
+                "grad scaler): this run computes in float32; --amp bf16 is the CPU's mixed precision"]
+    if cfg.amp == "bf16" and not native_cpu_bf16():
+        return ["--amp bf16 on this CPU is emulated (it has no AVX512-BF16, AMX or Arm BF16 instructions): the run "
+                "computes in bf16 but much slower than float32 (4x to 30x on an AVX2 CPU); --amp auto picks float32 "
+                "here"]
+    return []
 
 
 def open_run(cfg, args, given):
@@ -692,7 +703,7 @@ def build_run(cfg, model, device, train_set, steps_per_epoch, run_dir) -> Run:
 def describe(run, train_set, val_set):
     """The run's setup in three lines (the model, the batch and LR, the input data settings), and its config.json."""
     cfg, run_cfg, n = run.cfg, scaled_lr(run.cfg), distributed.world_size()
-    dtype = f", {str(run.dtype).removeprefix('torch.')} autocast" if run.dtype else ""
+    dtype = f", {precision_name(run.dtype)}"
     print(f"{cfg.arch} with {cfg.head} head: {count_params(run.plain) / 1e6:.1f}M parameters, {len(run.classes)} "
           f"classes, {len(train_set)} train / {len(val_set)} val images, device {run.device}{dtype}")
     scaling = f" (--lr {cfg.lr:g} x {run_cfg.lr / cfg.lr:.4g}, --lr-scale {cfg.lr_scale})" \

@@ -19,6 +19,7 @@ from dataset import cache_file, load_cached, load_rgb
 from losses import TrainLoss
 from model import build_model
 from run import Run
+from runtime import native_cpu_bf16
 
 CPU = torch.device("cpu")
 
@@ -109,12 +110,27 @@ def test_bench_measures_ours_against_the_seed_style(tmp_path, capsys):
     assert code == 0, err
     result = json.loads(out.read_text())
     parts = [r["part"] for r in result["rows"]]
-    assert parts == ["input pipeline", "train step", "whole epoch"] + ["inference"] * 3
+    bf16 = ["train step bf16"] if native_cpu_bf16() else []  # added by itself where the CPU has bf16 instructions
+    assert parts == ["input pipeline", "train step"] + bf16 + ["whole epoch", "loop efficiency"] + ["inference"] * 3
     for r in result["rows"]:
         assert r["ours"] > 0
-        if r["part"] != "inference":
+        if r["part"] not in ("inference", "loop efficiency"):
             assert r["seed"] > 0 and r["ratio"] == pytest.approx(r["ours"] / r["seed"], rel=0.02)
     assert "| input pipeline | 0 workers (1 core) |" in table and "TTA flip-crops" in table
+    assert "| loop efficiency | our training loop" in table and "target >= 85%" in table
+
+
+def test_bench_compares_bf16_with_float32_on_the_cpu_when_asked(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, table, err = run_main(bench.main, ["--images", 8, "--img-size", 32, "--batch-size", 4, "--steps", 1,
+                                             "--repeats", 1, "--device", "cpu", "--parts", "step", "--cpu-bf16",
+                                             "--json", out], capsys)
+    assert code == 0, err
+    step, bf16 = json.loads(out.read_text())["rows"]
+    assert ("bfloat16 autocast" if native_cpu_bf16() else "float32") in step["setting"]  # --amp auto
+    assert "bfloat16 autocast" in bf16["setting"]
+    assert bf16["ours"] > 0 and bf16["seed"] > 0
+    assert ("native bf16" if native_cpu_bf16() else "emulated bf16") in bf16["setting"]
 
 
 # ---------------------------------------------------------------- CUDA (run with: python -m pytest -q -m cuda tests)
