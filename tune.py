@@ -140,6 +140,9 @@ def check_space(space: dict, where: str) -> dict:
                             "augment or rrc_scale_low; not " + ", ".join(sorted(RESERVED)) + ")")
         for value in spec_values(spec, name, where):
             check_value(name, value, fields.get(name), where)
+        whole = name in fields and type(fields[name].default) is int
+        if whole and isinstance(spec, dict) and "int" not in spec:
+            raise UserError(f"--space {where}: {name} is a whole number: draw it with {{int: [low, high]}}")
     return space
 
 
@@ -448,12 +451,12 @@ def earlier_trial_seconds(study) -> float:
 def print_plan(search: Search, study, storage: str) -> None:
     args = search.args
     print(f"study {args.name} in {search.study_dir} ({storage}): {len(study.trials)} trials so far; space "
-          f"{args.space} ({len(search.space)} settings); {args.epochs_per_trial} epochs per trial; pruner "
+          f"{args.space} ({len(search.space)} settings); {args.epochs_per_trial} epoch(s) per trial; pruner "
           + (f"median (from epoch {args.prune_warmup}, once {args.prune_startup} trials finished)"
              if args.pruner == "median" else "none")
           + (f", below val {args.prune_below:g}" if args.prune_below else ""))
-    reserve = (f"confirmation: the top {args.confirm_top} configurations x {args.confirm_seeds} more seeds = "
-               f"{confirm_runs(args)} runs of {args.epochs_per_trial} epochs" if args.confirm_seeds else
+    reserve = (f"confirmation: the top {args.confirm_top} configurations x {args.confirm_seeds} more seed(s) = "
+               f"{confirm_runs(args)} runs of {args.epochs_per_trial} epoch(s)" if args.confirm_seeds else
                "no confirmation (--confirm-seeds 0): the winner is the best single run")
     trials = f"{args.trials} trials" if args.trials else "trials"
     if search.deadline is None:
@@ -620,12 +623,12 @@ def importances(study) -> dict:
         return {}
 
 
-def plot_importances(values: dict, path: str) -> None:
+def plot_importances(values: dict, trials: int, path: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(values) + 1.5))
     names = list(values)[::-1]
     ax.barh(names, [values[n] for n in names])
-    ax.set(xlabel="importance (fANOVA, share of the val accuracy's variance)", title="parameter importances")
+    ax.set(xlabel="importance (fANOVA, share of the val accuracy's variance)", title=f"parameter importances, from {trials} complete trials (rough when they are few)")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -656,7 +659,8 @@ def write_report(search: Search, study, ranked: list[dict], lines: list[str]) ->
     plot_top_curves(search, ranked, os.path.join(out, "curves.png"))
     weights = importances(study)
     if weights:
-        plot_importances(weights, os.path.join(out, "importance.png"))
+        plot_importances(weights, len(finished(study, "search", complete_only=True)),
+                         os.path.join(out, "importance.png"))
     counts = table["state"].value_counts().to_dict() if len(table) else {}
     ranking_table = pd.DataFrame([{"trial": r["trial"], "mean val acc": r["mean"], "± SE": r["se"],
                                    "seeds": r["seeds"], "seed std": r["seed_std"], "settings": short(r["settings"])}

@@ -2,6 +2,7 @@
 two processes at once, pruned, its winner trained by train.py; and its one-line errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import optuna
 import pytest
 
 import tune
-from conftest import ROOT, copy_sample, one_line_error, run_main, run_script
+from conftest import ROOT, copy_sample, one_line_error, run_main, run_script, wait_for
 
 FIXED = ["--", "--arch", "resnet18", "--weights", "none", "--img-size", "32", "--batch-size", "32", "--workers", "0"]
 
@@ -86,6 +87,20 @@ def test_a_pruned_trial_is_stopped_by_sigterm(data, tmp_path):
     assert "SIGTERM: stopped at epoch" in (tmp_path / "tune" / "trials" / "0000.log").read_text()
 
 
+def test_ctrl_c_stops_the_trial_and_keeps_the_study(data, tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "tune.py"),
+               *map(str, tune_args(data, tmp_path, "--trials", 1, "--epochs-per-trial", 30)[:-len(FIXED)]), *FIXED]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "tune" / "trials" / "0000" / "history.csv", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert one_line_error(2, err).startswith("interrupted: the running trial was stopped")
+    assert "SIGTERM: stopped at epoch" in (tmp_path / "tune" / "trials" / "0000.log").read_text()
+    (trial,) = optuna.load_study(study_name="tune", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}").trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["error"] == "interrupted (Ctrl-C)"
+
+
 def write(path, text):
     path.write_text(text)
     return path
@@ -115,6 +130,7 @@ def test_one_line_errors(argv, expected, data, capsys, tmp_path):
     ("ema: [yes-please]", "ema must be true or false"),
     ("augment: [heavy]", "augment must be one of seed, light"),
     ("mixup: []", "mixup has an empty list of choices"),
+    ("warmup_epochs: {int: [0, 2]}\nfocal_start: {range: [1, 5]}", "focal_start is a whole number"),
     ("[1, 2]", "expected settings as key: value pairs"),
 ])
 def test_space_file_errors(text, expected, data, capsys, tmp_path):
