@@ -638,7 +638,8 @@ def plot_top_curves(search: Search, ranked: list[dict], path: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, entry in enumerate(ranked):
-        runs = sorted(name for name in os.listdir(os.path.join(search.study_dir, "trials"))
+        trials_dir = os.path.join(search.study_dir, "trials")  # this machine's runs, when machines share a study
+        runs = sorted(name for name in (os.listdir(trials_dir) if os.path.isdir(trials_dir) else [])
                       if name.split("-")[0] == f"{entry['trial']:04d}" and not name.endswith(".log"))
         for run in runs:
             rows = read_history(os.path.join(search.study_dir, "trials", run, "history.csv"))
