@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-TOOLS = {"bench", "ablation"}
+TOOLS = {"bench", "ablation", "tune"}
 ENTRY_SCRIPTS = {"train", "inference"}
 MODULES = {os.path.splitext(os.path.basename(p))[0]: p for p in glob.glob(os.path.join(ROOT, "*.py"))}
 SOURCES = sorted(MODULES.values()) + sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py")))

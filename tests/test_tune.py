@@ -1,0 +1,139 @@
+"""tune.py: a real Optuna study of tiny train.py runs on a few sample images (SQLite storage), resumed, shared by
+two processes at once, pruned, its winner trained by train.py; and its one-line errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+import tune
+from conftest import ROOT, copy_sample, one_line_error, run_main, run_script, wait_for
+
+FIXED = ["--", "--arch", "resnet18", "--weights", "none", "--img-size", "32", "--batch-size", "32", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return copy_sample(tmp_path_factory.mktemp("tune") / "data", ["0", "1", "2"], train=6, val=4, test=1)
+
+
+def tune_args(data, out, *more):
+    return ["--data-dir", data, "--output-dir", out, "--epochs-per-trial", 1, *more, *FIXED]
+
+
+def search_trials(study_dir, name="tune"):
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'study.db'}")
+    return [t for t in study.get_trials() if t.user_attrs.get("role") == "search"]
+
+
+def test_study_resumes_and_its_winner_trains(data, tmp_path):
+    out = tmp_path / "studies"
+    proc = run_script("tune.py", *tune_args(data, out, "--trials", 2, "--confirm-top", 1, "--confirm-seeds", 1))
+    study_dir = out / "tune"
+    lines = proc.stdout.splitlines()
+    assert [line.split(" |")[0] for line in lines if " epochs | " in line][:2] == ["trial 0", "trial 1"]
+    assert any(line.startswith("confirm ") and "seed 43 |" in line and "| complete |" in line for line in lines)
+    assert "train the final model with: python train.py --config" in proc.stdout
+    for name in ("best_config.json", "report.md", "history.png", "curves.png", "trials.csv", "study.db"):
+        assert (study_dir / name).is_file(), name
+    report = (study_dir / "report.md").read_text()
+    assert "## Winner" in report and "standard error" in report and "best_config.json" in report
+    first = {t.number: t.value for t in search_trials(study_dir)}
+    assert sorted(first) == [0, 1] and all(0 <= v <= 1 for v in first.values())
+
+    proc = run_script("tune.py", *tune_args(data, out, "--trials", 1, "--confirm-seeds", 0))
+    assert "3 trials so far" in proc.stdout  # two search trials and one confirmation run
+    again = search_trials(study_dir)
+    assert len(again) == 3 and {t.number: t.value for t in again if t.number in first} == first
+
+    best = json.loads((study_dir / "best_config.json").read_text())
+    assert best["epochs"] == 100 and "run_name" not in best and best["arch"] == "resnet18"
+    run_script("train.py", "--config", study_dir / "best_config.json", "--epochs", 1, "--output-dir", tmp_path,
+               "--run-name", "final")
+    saved = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert (tmp_path / "final" / "best.pt").is_file()
+    assert {k: saved[k] for k in best if k != "epochs"} == {k: v for k, v in best.items() if k != "epochs"}
+
+
+def test_two_processes_share_one_study(data, tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "tune.py"),
+               *map(str, tune_args(data, tmp_path, "--trials", 1, "--confirm-seeds", 0))]
+    procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    numbers = [t.number for t in search_trials(tmp_path / "tune")]
+    assert sorted(numbers) == [0, 1]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in search_trials(tmp_path / "tune"))
+
+
+def test_a_pruned_trial_is_stopped_by_sigterm(data, tmp_path):
+    """--prune-below 1.01 prunes every trial after its first epoch: train.py must get SIGTERM, save last.pt and
+    stop long before its 30 epochs; with no complete trial there is no winner, said in one line."""
+    code = run_script("tune.py", *tune_args(data, tmp_path, "--trials", 1, "--prune-below", 1.01,
+                                            "--prune-warmup", 1, "--confirm-seeds", 0)[:-len(FIXED)],
+                      "--epochs-per-trial", 30, *FIXED, check=False)
+    assert code.returncode == 2, code.stdout + code.stderr
+    assert "no trial of study tune finished all its epochs" in code.stderr
+    line = next(line for line in code.stdout.splitlines() if line.startswith("trial 0 |"))
+    assert "| pruned |" in line
+    (trial,) = search_trials(tmp_path / "tune")
+    assert trial.state == optuna.trial.TrialState.PRUNED and 1 <= trial.user_attrs["epochs"] < 30
+    run_dir = tmp_path / "tune" / "trials" / "0000"
+    assert (run_dir / "last.pt").is_file()
+    assert "SIGTERM: stopped at epoch" in (tmp_path / "tune" / "trials" / "0000.log").read_text()
+
+
+def test_ctrl_c_stops_the_trial_and_keeps_the_study(data, tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "tune.py"),
+               *map(str, tune_args(data, tmp_path, "--trials", 1, "--epochs-per-trial", 30)[:-len(FIXED)]), *FIXED]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "tune" / "trials" / "0000" / "history.csv", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert one_line_error(2, err).startswith("interrupted: the running trial was stopped")
+    assert "SIGTERM: stopped at epoch" in (tmp_path / "tune" / "trials" / "0000.log").read_text()
+    (trial,) = optuna.load_study(study_name="tune", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}").trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["error"] == "interrupted (Ctrl-C)"
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--data-dir", "nowhere", "--trials", "1"], "--data-dir nowhere: no train/ folder"),
+    (["--budget", "soon"], "--budget 'soon': give a duration"),
+    ([], "give --budget (e.g. 30m), --trials N"),
+    (["--trials", "1", "--space", "narrow"], "--space narrow: give seed, wide, or a .json/.yaml file"),
+    (["--trials", "1", "--space", "missing.yaml"], "--space missing.yaml: no such file"),
+    (["--trials", "1", "--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open it"),
+    (["--trials", "1", "--", "--epochs", "3"], "--epochs: tune.py sets this for every trial"),
+    (["--trials", "1", "--", "--lr", "0.1"], "--lr: the search space varies this setting"),
+])
+def test_one_line_errors(argv, expected, data, capsys, tmp_path):
+    code, _, err = run_main(tune.main, ["--data-dir", data, "--output-dir", tmp_path, *argv], capsys)
+    assert one_line_error(code, err).startswith("error: " + expected)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lr: {log: [0, 1]}", "lr: need low < high and low > 0 on a log scale"),
+    ("lr: {between: [1, 2]}", "lr: write {log: [low, high]}"),
+    ("epochs: [1, 2]", "epochs is not a setting a search can vary"),
+    ("colour: [red]", "colour is not a setting a search can vary"),
+    ("loss: [ce, hinge]", "loss must be one of ce, focal, smooth-focal, schedule (it is 'hinge')"),
+    ("ema: [yes-please]", "ema must be true or false"),
+    ("augment: [heavy]", "augment must be one of seed, light"),
+    ("mixup: []", "mixup has an empty list of choices"),
+    ("warmup_epochs: {int: [0, 2]}\nfocal_start: {range: [1, 5]}", "focal_start is a whole number"),
+    ("[1, 2]", "expected settings as key: value pairs"),
+])
+def test_space_file_errors(text, expected, data, capsys, tmp_path):
+    space = write(tmp_path / "space.yaml", text)
+    code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", 1, "--space", space], capsys)
+    assert expected in one_line_error(code, err)
