@@ -49,8 +49,8 @@ def usable_cores() -> int:
 
 def default_workers(requested: int) -> int:
     """--workers -1: no worker process on a machine with 2 cores or fewer, where a worker takes the core the
-    training step needs (measured: --workers 0 trains faster than 1 on 2 cores); else one per core but the main
-    process's, at most 16."""
+    training step needs (measured: --workers 0 trains as fast as 1 or faster on 2 cores); else one per core but
+    the main process's, at most 16."""
     if requested >= 0:
         return requested
     cores = usable_cores()
