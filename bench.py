@@ -134,6 +134,21 @@ def subset(dataset, n):
 
 # ---------------------------------------------------------------- timing helpers
 
+def cpu_model():
+    """The CPU's name as Linux gives it, and whether it computes bf16 natively: CPU numbers differ by 3x between
+    the machines we measured on, so a table of them must say which CPU it comes from."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        name = "cpu"
+    return f"{name} ({'native' if native_cpu_bf16() else 'no native'} bf16)"
+
+
+def load_average():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -439,9 +454,9 @@ def main(argv=None):
                               workers=-1))
     worker_counts = args.workers if args.workers is not None else sorted({0, default_workers(-1)})
     threads = torch.get_num_threads()
-    meta = dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+    meta = dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()),
                 cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                torch=torch.__version__, load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                torch=torch.__version__, load_average=load_average(),
                 args=vars(args))
     print(f"bench on {meta['device']} ({meta['cores']} cores, load {meta['load_average']}), torch {torch.__version__}")
     rows = []
@@ -464,7 +479,7 @@ def main(argv=None):
             print(*rows[-2:], sep="\n")
         if "inference" in args.parts:
             rows += inference_rates(cfg, data_dir, device)
-    meta["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    meta["load_average_end"] = load_average()
     meta["wall_s"] = round(time.perf_counter() - start)
     print_table(rows)
     print(f"\n{meta['wall_s']} s, load average {meta['load_average']} at the start, {meta['load_average_end']} at the end")
