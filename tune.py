@@ -70,6 +70,8 @@ RESERVED = {"data_dir", "output_dir", "run_name", "epochs", "seed", "time_limit"
 RESERVED_FLAGS = ["--epochs", "--seed", "--run-name", "--output-dir", "--time-limit", "--resume", "--overwrite",
                   "--find-lr", "--check-data", "--all-folds", "--data-dir"]
 POLL_SECONDS = 0.5
+# what opening a new study reports when another process is creating the same tables or study at that moment
+RACES = ("IntegrityError", "already exists", "database is locked")
 SE_MULTIPLE = 2  # a lead counts as beyond noise when it exceeds this many standard errors
 
 
@@ -253,15 +255,21 @@ def open_study(args, study_dir):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = args.storage or f"sqlite:///{os.path.abspath(os.path.join(study_dir, 'study.db'))}"
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
-                                             if url.startswith("sqlite") else {})
-    except Exception as e:  # a malformed URL, a missing driver, a server that does not answer
-        raise UserError(f"--storage {url}: cannot open it ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     pruner = optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup, n_warmup_steps=args.prune_warmup) \
         if args.pruner == "median" else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=args.name, storage=storage, direction="maximize", load_if_exists=True,
-                                pruner=pruner)
+    for attempt in range(5):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
+                                                 if url.startswith("sqlite") else {})
+            study = optuna.create_study(study_name=args.name, storage=storage, direction="maximize",
+                                        load_if_exists=True, pruner=pruner)
+            break
+        except Exception as e:  # a malformed URL, a missing driver, a server that does not answer
+            if attempt < 4 and any(race in f"{type(e).__name__} {e}" for race in RACES):
+                time.sleep(1 + attempt)  # another process created the tables or the study at the same moment
+                continue
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"--storage {url}: cannot open it ({reason})")
     # seeded, and moved on by the trials so far, so that a resumed study does not draw its first settings again
     study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
     return study, url
