@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--no-channels-last", action="store_true", help="measure our step in NCHW")
     p.add_argument("--compile", action="store_true", help="torch.compile our model for the step part")
     p.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="loader worker counts for the input part (default: 0 and one per free core)")
+                   help="loader worker counts for the input part (default: 0 and what --workers -1 picks here)")
     p.add_argument("--cpu-bf16", action="store_true",
                    help="on the CPU, also time our step under bf16 autocast against float32 even where the CPU only "
                         "emulates bf16 (far slower there); where it computes bf16 natively the row is always added")

@@ -5,7 +5,7 @@
 #
 #   bash scripts/fashion_mnist_ablation.sh            # the three ablation groups (18 runs)
 #   bash scripts/fashion_mnist_ablation.sh ema-x-loss # one group
-#   bash scripts/fashion_mnist_ablation.sh full       # the full run: all 55,000 training images, 4 epochs (~55 min)
+#   bash scripts/fashion_mnist_ablation.sh full       # the full run: all 55,000 training images, 4 epochs (~41 min on two CPU cores)
 #
 # Every ablation group is an ablation.py grid and resumes where it stopped: run the same command again.
 set -euo pipefail
