@@ -108,7 +108,7 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.4f}") -> str:
 
 
 def save_figure(fig: Figure, path: str) -> None:
-    tmp = path + ".tmp.png"
+    tmp = f"{path}.{os.getpid()}.tmp.png"  # processes sharing a study write the same plots: one file each
     fig.savefig(tmp, dpi=100)
     pyplot().close(fig)
     os.replace(tmp, path)

@@ -573,9 +573,10 @@ def write_best_config(search: Search, settings: dict) -> str:
     # the settings that differ from train.py's defaults (an empty default means "the model's own": left out)
     chosen = {k: v for k, v in dataclasses.asdict(cfg).items() if v != defaults[k] or k in ("data_dir", "epochs")}
     path = os.path.join(search.study_dir, "best_config.json")
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # several processes sharing a study may write it at once: one file each
+    with open(tmp, "w") as f:
         json.dump(chosen, f, indent=2)
-    os.replace(path + ".tmp", path)  # several processes sharing a study may write it at once
+    os.replace(tmp, path)
     return path
 
 
