@@ -79,7 +79,7 @@ def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware: x86 AVX512-BF16 or AMX-BF16, Arm's BF16 extension. Without them
     bf16 autocast on the CPU is emulated (each op converts around float32 kernels) and runs far slower than
-    float32 (4x to 30x slower measured on an AVX2 CPU), so --amp auto keeps float32 there."""
+    float32 (12x to 30x slower measured on an AVX2 CPU), so --amp auto keeps float32 there."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 

@@ -265,7 +265,7 @@ def cpu_precision_notes(cfg, device):
                 "grad scaler): this run computes in float32; --amp bf16 is the CPU's mixed precision"]
     if cfg.amp == "bf16" and not native_cpu_bf16():
         return ["--amp bf16 on this CPU is emulated (it has no AVX512-BF16, AMX or Arm BF16 instructions): the run "
-                "computes in bf16 but much slower than float32 (4x to 30x on an AVX2 CPU); --amp auto picks float32 "
+                "computes in bf16 but much slower than float32 (12x to 30x on an AVX2 CPU); --amp auto picks float32 "
                 "here"]
     return []
 
