@@ -50,7 +50,7 @@ SPACES = {
         "mixup": [0.0, 0.2],
         "cutmix": [0.0, 1.0],
     },
-    "wide": {  # broader: from-scratch-like LRs, the four policies, stronger mixing
+    "wide": {  # broader: from-scratch-like LRs, the four policies, stronger mixing, flip or not
         "lr": {"log": [1e-5, 3e-3]},
         "weight_decay": {"log": [1e-5, 0.3]},
         "augment": ["seed", "light", "ta_wide", "rand-m9", "augmix", "imagenet"],
@@ -59,8 +59,9 @@ SPACES = {
         "loss": ["schedule", "ce"],
         "head": ["mlp", "linear"],
         "ema": [True, False],
-        "mixup": {"range": [0.0, 0.8]},
-        "cutmix": {"range": [0.0, 1.0]},
+        "mixup": [0.0, 0.2, 0.8],  # choices, so that "off" is drawn too (a range would never give exactly 0)
+        "cutmix": [0.0, 0.5, 1.0],
+        "hflip": [0.0, 0.5],  # text, digits and other data a mirror changes
     },
 }
 SPECIAL = {"augment": ["seed", "light", "ta_wide", "rand-m9", "augmix", "imagenet"], "rrc_scale_low": None}
@@ -103,8 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--pruner", choices=["median", "none"], default="median", help="median: stop a trial whose "
                    "val accuracy after an epoch is below the median of earlier trials at that epoch "
                    "(default: %(default)s)")
-    p.add_argument("--prune-warmup", type=int, default=1, help="epochs every trial trains before it may be pruned "
-                   "(default: %(default)s)")
+    p.add_argument("--prune-warmup", type=int, default=None, help="epochs every trial trains before it may be "
+                   "pruned (default: a third of --epochs-per-trial, at least 1: from scratch, the first epochs of "
+                   "every trial are near chance, and a median of them picks at random)")
     p.add_argument("--prune-startup", type=int, default=4, help="finished trials before pruning starts "
                    "(default: %(default)s)")
     p.add_argument("--prune-below", type=float, default=0.0, help="also prune a trial (after --prune-warmup epochs) "
@@ -285,6 +287,7 @@ class Search:
     study_dir: str
     deadline: float | None  # time.monotonic() when the budget ends, None without --budget
     trial_seconds: float = 0.0  # the longest full trial so far, the unit of the plan
+    measured: bool = False  # whether trial_seconds comes from a complete trial (else from a stopped one, scaled)
 
 
 def trial_command(search: Search, params: dict, run_name: str, seed: int, time_limit: float) -> list[str]:
@@ -412,9 +415,7 @@ def run_trial(search: Search, study, trial) -> Outcome:
         raise
     for key in ("epochs", "seconds", "n_val", "error"):
         trial.set_user_attr(key, getattr(outcome, key))
-    if outcome.epochs:  # a full trial's length, from the longest so far (a pruned one's per epoch)
-        full = outcome.seconds * search.args.epochs_per_trial / outcome.epochs
-        search.trial_seconds = max(search.trial_seconds, full)
+    update_trial_seconds(search, outcome)
     if outcome.state == "complete":
         study.tell(trial, outcome.value)
     else:
@@ -422,6 +423,18 @@ def run_trial(search: Search, study, trial) -> Outcome:
                    else optuna.trial.TrialState.PRUNED)
     print(progress_line(f"trial {trial.number}", settings, outcome, search.args.epochs_per_trial), flush=True)
     return outcome
+
+
+def update_trial_seconds(search: Search, outcome: Outcome) -> None:
+    """The plan's unit: the longest complete trial so far. A stopped trial stands in, scaled up per epoch, only
+    while none has completed: the scaling counts its start-up once per epoch, which makes it far too long (a trial
+    pruned after 1 of 10 one-second epochs with 8 s of start-up would count as 90 s instead of 18 s)."""
+    if outcome.state == "complete":
+        search.trial_seconds = max(search.trial_seconds, outcome.seconds) if search.measured else outcome.seconds
+        search.measured = True
+    elif not search.measured and outcome.epochs:
+        scaled = outcome.seconds * search.args.epochs_per_trial / outcome.epochs
+        search.trial_seconds = max(search.trial_seconds, scaled)
 
 
 def progress_line(what: str, settings: dict, outcome: Outcome, epochs: int) -> str:
@@ -727,6 +740,8 @@ def check_args(args) -> float | None:
     for name in ("epochs_per_trial", "final_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.prune_warmup is None:
+        args.prune_warmup = max(1, args.epochs_per_trial // 3)
     if min(args.confirm_top, args.confirm_seeds + 1, args.prune_startup + 1, args.prune_warmup + 1) < 1:
         raise UserError("--confirm-top must be at least 1; --confirm-seeds, --prune-startup and --prune-warmup "
                         "cannot be negative")
@@ -743,8 +758,9 @@ def main(argv: list[str] | None = None) -> int:
     study_dir = os.path.join(args.output_dir, args.name)
     os.makedirs(study_dir, exist_ok=True)
     study, storage = open_study(args, study_dir)
-    search = Search(args, train_args, space, cfg, study_dir, started + budget if budget else None,
-                    earlier_trial_seconds(study))
+    earlier = earlier_trial_seconds(study)
+    search = Search(args, train_args, space, cfg, study_dir, started + budget if budget else None, earlier,
+                    earlier > 0)
     print_plan(search, study, storage)
     try:
         search_trials(search, study)

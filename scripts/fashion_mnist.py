@@ -255,9 +255,14 @@ def main(argv=None):
           f"({args.size}px {ext}) to {args.out}")
 
 
-if __name__ == "__main__":
+def run_cli(main_function):
+    """Run a script's main(): a UsageError is one line on stderr and exit code 2, never a traceback."""
     try:
-        main()
+        main_function()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(main)

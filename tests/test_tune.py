@@ -137,3 +137,25 @@ def test_space_file_errors(text, expected, data, capsys, tmp_path):
     space = write(tmp_path / "space.yaml", text)
     code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", 1, "--space", space], capsys)
     assert expected in one_line_error(code, err)
+
+
+def test_the_plan_counts_a_full_trial_from_complete_ones():
+    """A pruned trial's seconds, scaled up per epoch, stand in only until a trial completes: its start-up counted
+    once per epoch would reserve several times the confirmation's real length and end the search early."""
+    search = tune.Search(args=type("Args", (), {"epochs_per_trial": 10})(), train_args=[], space={}, cfg=None,
+                         study_dir="", deadline=None)
+    tune.update_trial_seconds(search, tune.Outcome("pruned", 0.1, 1, 12.0, 300))
+    assert search.trial_seconds == 120 and not search.measured  # nothing better known yet
+    tune.update_trial_seconds(search, tune.Outcome("complete", 0.8, 10, 37.0, 300))
+    assert search.trial_seconds == 37 and search.measured
+    tune.update_trial_seconds(search, tune.Outcome("pruned", 0.1, 1, 14.0, 300))  # would scale to 140 s
+    tune.update_trial_seconds(search, tune.Outcome("complete", 0.9, 10, 45.0, 300))
+    assert search.trial_seconds == 45  # the longest complete trial
+
+
+@pytest.mark.parametrize("more, warmup", [([], 1), (["--epochs-per-trial", "10"], 3),
+                                          (["--epochs-per-trial", "10", "--prune-warmup", "0"], 0)])
+def test_prune_warmup_defaults_to_a_third_of_a_trial(data, more, warmup):
+    args, _ = tune.parse_args(["--data-dir", str(data), "--trials", "1", *more])
+    tune.check_args(args)
+    assert args.prune_warmup == warmup

@@ -1,0 +1,74 @@
+"""The recipe-search evidence: scripts/digits.py (a second offline dataset), scripts/plain_baseline.py (the plain
+script it is compared with) and scripts/search_evidence.py (the three recipes, run, scored and tabulated)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from conftest import ROOT, SAMPLE
+
+
+def script(name, *args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_digits_layout(tmp_path):
+    out = tmp_path / "digits"
+    r = script("digits.py", "--out", out, "--size", 16, "--val-size", 50, "--test-size", 100, "--train-per-class", 5)
+    assert r.returncode == 0, r.stderr
+    classes = [str(c) for c in range(10)]
+    assert sorted(os.listdir(out / "train")) == classes and sorted(os.listdir(out / "val")) == classes
+    assert all(len(os.listdir(out / "train" / c)) == 5 for c in classes)
+    assert sum(len(os.listdir(out / "val" / c)) for c in classes) == 50
+    labels = pd.read_csv(out / "test_labels.csv", dtype=str)
+    assert sorted(labels.image_name + ".jpg") == sorted(os.listdir(out / "test"))
+    assert labels.label.value_counts().min() >= 9  # stratified: every digit about 10 times
+    with Image.open(out / "test" / f"{labels.image_name[0]}.jpg") as im:
+        a = np.asarray(im)
+    assert im.size == (16, 16) and (a[..., 0] == a[..., 2]).all() and a.max() > 200  # grey, strokes near white
+    assert pd.read_csv(out / "classes.csv", dtype=str).folder.tolist() == classes
+
+    again = script("digits.py", "--out", out)  # not empty, no --overwrite
+    assert again.returncode == 2 and again.stderr.startswith("error:") and "--overwrite" in again.stderr
+    bad = script("digits.py", "--out", tmp_path / "x", "--test-size", 1700)
+    assert bad.returncode == 2 and "leave at least 100 training images" in bad.stderr
+
+
+def test_plain_baseline_predicts_every_test_image(tmp_path):
+    csv = tmp_path / "plain.csv"
+    r = script("plain_baseline.py", "--data-dir", SAMPLE, "--epochs", 1, "--img-size", 32, "--output", csv)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/1" in r.stdout and "training took" in r.stdout
+    pred = pd.read_csv(csv, dtype=str)
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(SAMPLE, "test")))
+    assert sorted(pred.image_name) == names
+    assert set(pred.pred_label) <= set(os.listdir(os.path.join(SAMPLE, "train")))
+    scored = script("score.py", csv, os.path.join(SAMPLE, "test_labels.csv"))
+    assert scored.returncode == 0 and "50 / 50" in scored.stdout, scored.stdout + scored.stderr
+
+
+def test_search_evidence_runs_scores_and_resumes(tmp_path):
+    args = ["--only", "digits", "--seeds", 1, "--epochs", 8, "--search", 1, "--trial-epochs", 1, "--out", tmp_path]
+    r = script("search_evidence.py", *args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    for recipe in ("plain", "defaults", "searched"):
+        assert f"| {recipe} |" in summary
+    assert "1 trials of 1 epochs" in summary and (tmp_path / "summary.png").stat().st_size > 10_000
+    numbers = json.loads((tmp_path / "summary.json").read_text())["digits"]
+    assert sorted(run["recipe"] for run in numbers["runs"]) == ["defaults", "plain", "searched"]
+    assert all(0 <= run["test_acc"] <= 1 and run["train_seconds"] > 0 and run["epochs"] >= 1
+               for run in numbers["runs"])
+    assert numbers["wall_seconds"] > 0  # the plain script's: the time every recipe gets
+    assert numbers["search_trials"] == 1 and "lr" in numbers["winner"]
+
+    again = script("search_evidence.py", *args, timeout=120)  # every run is reused: no training, same table
+    assert again.returncode == 0 and (tmp_path / "summary.md").read_text() == summary
+    assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]  # no command was run
+    other = script("search_evidence.py", *args[:4], "--epochs", 9, *args[6:])
+    assert other.returncode != 0 and "give another --out" in other.stderr
