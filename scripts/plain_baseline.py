@@ -24,6 +24,10 @@ p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (defa
 p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
 p.add_argument("--output", default="prediction.csv", help="(default: %(default)s)")
 args = p.parse_args()
+if not os.path.isdir(os.path.join(args.data_dir, "train")) or not os.path.isdir(os.path.join(args.data_dir, "test")):
+    p.error(f"--data-dir {args.data_dir}: needs train/<class>/ and test/ folders")
+if min(args.epochs, args.img_size, args.batch_size) < 1:
+    p.error("--epochs, --img-size and --batch-size must be at least 1")
 torch.manual_seed(args.seed)
 
 normalize = T.Normalize([0.5] * 3, [0.5] * 3)

@@ -208,6 +208,8 @@ def main():
     p.add_argument("--trial-epochs", type=int, default=0, help="epochs per search trial (default: 0 = the "
                    "dataset's: fashion-mnist 2, digits 10)")
     args = p.parse_args()
+    if min(args.epochs, args.trial_epochs) < 0 or len(set(args.seeds)) != len(args.seeds):
+        p.error("--epochs and --trial-epochs cannot be negative, and --seeds must differ")
     texts, numbers, results = [], {}, {}
     for name in [args.only] if args.only else DATASETS:
         runs, info = one_dataset(name, args)

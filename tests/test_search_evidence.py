@@ -72,3 +72,11 @@ def test_search_evidence_runs_scores_and_resumes(tmp_path):
     assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]  # no command was run
     other = script("search_evidence.py", *args[:4], "--epochs", 9, *args[6:])
     assert other.returncode != 0 and "give another --out" in other.stderr
+
+
+def test_script_mistakes_are_one_line_errors(tmp_path):
+    plain = script("plain_baseline.py", "--data-dir", tmp_path)
+    last_line = plain.stderr.strip().splitlines()[-1]
+    assert plain.returncode == 2 and last_line.endswith("needs train/<class>/ and test/ folders")
+    seeds = script("search_evidence.py", "--seeds", 1, 1, "--out", tmp_path)
+    assert seeds.returncode == 2 and "--seeds must differ" in seeds.stderr and not os.listdir(tmp_path)
