@@ -58,6 +58,10 @@ class Config:
                                 group="checkpoints")
     keep_epochs: int = opt(0, "keep the resumable checkpoints of the last N epochs as epoch-NNN.pt besides last.pt "
                               "(0: only last.pt)", group="checkpoints")
+    save_share: float = opt(0.1, "the largest share of the run's time that writing last.pt and the plots after an "
+                                 "epoch may take: when epochs are short beside that write (small data), they are "
+                                 "written every few epochs instead, and always after the last epoch and at a stop "
+                                 "(1: after every epoch; best.pt is always written at once)", group="checkpoints")
 
     # model
     arch: str = opt("resnext101_32x8d", "backbone: a torchvision ResNet (resnet18, resnet34, resnet50, resnet101, "
@@ -409,6 +413,7 @@ def check_ranges(cfg):
          "--eval-size, --min-lr, --weight-decay, --warmup-epochs, --t-max, --freeze-epochs, --save-every-steps, "
          "--keep-epochs, --mixup and --cutmix cannot be negative")
     need(cfg.min_lr <= cfg.lr, f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the cosine would rise")
+    need(0 < cfg.save_share <= 1, f"--save-share {cfg.save_share:g}: give a share in (0, 1]")
     need(min(cfg.clip_grad, cfg.patience) >= 0, "--clip-grad and --patience cannot be negative")
     need(0 <= cfg.val_fraction < 1 and 0 <= cfg.min_delta < 1,
          "--val-fraction and --min-delta must lie in [0, 1) (a share of train/, a rise of the val accuracy)")

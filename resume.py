@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+import distributed
 from config import Config, config_from_dict, with_implied
 from errors import UserError
 from runtime import restore_rng
@@ -31,8 +32,8 @@ if TYPE_CHECKING:
 # settings a resumed run may change freely: where things are, how fast they go and when the run stops, not what
 # is computed up to then
 FREE_ON_RESUME = {"data_dir", "output_dir", "run_name", "workers", "device", "weights", "save_every_steps",
-                  "keep_epochs", "max_bad_frac", "cache", "channels_last", "cudnn_benchmark", "tf32", "compile",
-                  "patience", "min_delta", "time_limit"}
+                  "keep_epochs", "save_share", "max_bad_frac", "cache", "channels_last", "cudnn_benchmark", "tf32",
+                  "compile", "patience", "min_delta", "time_limit"}
 # settings that give the saved state another meaning: never changed on resume
 FIXED_ON_RESUME = {"arch", "head", "batch_size", "ema", "max_params"}
 
@@ -238,6 +239,38 @@ def keep_epoch_copy(run_dir: str, epoch: int, keep: int) -> None:
     # pruned only now that the new copy is on disk
     for _, old in epoch_copies(run_dir)[:-keep]:
         os.remove(old)
+
+
+class EpochWrites:
+    """--save-share: whether last.pt and the plots are written after this epoch. Each write is timed, and the next
+    one waits until training has gone on for (1 / share - 1) times as long, so that writing takes at most `share` of
+    the run's time: on epochs that are short beside a write (small data, large model) they are written every few
+    epochs; a crash then loses at most that wait. Rank 0 writes, so it decides for every process.
+    confusion: the plot of the newest best epoch, drawn at the next write."""
+
+    def __init__(self, share: float):
+        self.share, self.cost, self.done_at = share, 0.0, time.monotonic()
+        self.behind, self.told, self.confusion = False, False, None
+
+    def due(self, device: torch.device) -> bool:
+        since = time.monotonic() - self.done_at
+        self.behind = not distributed.any_rank(since >= self.cost * (1 / self.share - 1) and distributed.is_main(),
+                                               device)
+        if self.behind and not self.told and distributed.is_main():
+            self.told = True
+            print(f"note: writing last.pt and the plots takes {self.cost:.1f} s, an epoch {since:.1f} s: they are "
+                  f"written every few epochs to keep that under --save-share {self.share:g} of the time, and always "
+                  "after the last epoch and at a stop")
+        return not self.behind
+
+    def __enter__(self):
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.done_at = time.monotonic()
+        self.cost, self.behind = self.done_at - self.started, False
+        return False
 
 
 # ---------------------------------------------------------------- signals

@@ -22,6 +22,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -54,8 +55,8 @@ from mix import build_mixer, count_correct
 from model import (build_model, check_params, count_params, data_summary, resolve_data, short_list,
                    to_sync_batchnorm, unwrap)
 from plots import plot_confusion, plot_curves
-from resume import (EpochSampler, GracefulStop, Progress, clear_run, keep_epoch_copy, remove_stale_temp_files,
-                    restore_training_state, resume_path, resumed_config, run_files)
+from resume import (EpochSampler, EpochWrites, GracefulStop, Progress, clear_run, keep_epoch_copy,
+                    remove_stale_temp_files, restore_training_state, resume_path, resumed_config, run_files)
 from run import Run
 from runtime import (amp_dtype, autocast, default_workers, native_cpu_bf16, pick_device, precision_name,
                      rank_rng_states, seed_everything, seed_rank_streams, seed_worker)
@@ -505,9 +506,13 @@ def epoch_row(run, progress, epoch, scores):
 def save_best(run, epoch, source, chosen, row, val_set):
     """best.pt, the val confusion matrix and (with --folds) the held-out predictions of a new best epoch."""
     save_atomic(best_checkpoint(run, source, epoch, row), os.path.join(run.run_dir, "best.pt"))
-    plot_confusion(chosen["targets"], chosen["preds"], run.classes,
-                   os.path.join(run.run_dir, "confusion_matrix.png"),
-                   title=f"val confusion, epoch {epoch + 1} ({source} weights, acc {chosen['acc']:.4f})")
+    # drawn with last.pt (--save-share), or at once for TensorBoard, which shows it at this epoch
+    run.writes.confusion = functools.partial(
+        plot_confusion, chosen["targets"], chosen["preds"], run.classes,
+        os.path.join(run.run_dir, "confusion_matrix.png"),
+        title=f"val confusion, epoch {epoch + 1} ({source} weights, acc {chosen['acc']:.4f})")
+    if run.board is not None:
+        draw_confusion(run)
     if run.cfg.folds:
         write_oof(run.run_dir, run.cfg, val_set, chosen["preds"], run.classes)
 
@@ -530,10 +535,11 @@ def record_epoch(run: Run, progress: Progress, epoch: int, scores: dict, val_set
     if run.board is not None:
         run.board.log_epoch(row, os.path.join(run.run_dir, "confusion_matrix.png") if improved else None)
     progress.epoch, progress.step, progress.done = epoch + 1, 0, 0
-    save_last(run, progress)
     if distributed.is_main():
-        keep_epoch_copy(run.run_dir, epoch + 1, run.cfg.keep_epochs)
-        write_history(progress.history, run.run_dir)
+        pd.DataFrame(progress.history).to_csv(os.path.join(run.run_dir, "history.csv"), index=False,
+                                              float_format="%.6g")
+    if run.cfg.keep_epochs or run.writes.due(run.device):
+        write_epoch_files(run, progress)
     ema_text = f" | val EMA {val_ema['acc']:.4f}" if val_ema else ""
     print(f"epoch {epoch + 1:3d}/{run.cfg.epochs} | {row['loss_phase']:5s} | lr {row['lr']:.2e} | train loss "
           f"{row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {val['loss']:.4f} acc "
@@ -567,9 +573,28 @@ def save_last(run: Run, progress: Progress):
         save_atomic(training_checkpoint(run, progress, rngs), os.path.join(run.run_dir, "last.pt"))
 
 
-def write_history(history, run_dir):
-    pd.DataFrame(history).to_csv(os.path.join(run_dir, "history.csv"), index=False, float_format="%.6g")
-    plot_curves(history, os.path.join(run_dir, "curves.png"))
+def write_epoch_files(run: Run, progress: Progress):
+    """last.pt (with its epoch-NNN.pt copy), the curves and the newest best epoch's confusion matrix, timed for
+    --save-share (all processes call this together)."""
+    with run.writes:
+        save_last(run, progress)
+        if distributed.is_main():
+            if progress.done == 0:  # at an epoch's end
+                keep_epoch_copy(run.run_dir, progress.epoch, run.cfg.keep_epochs)
+            plot_curves(progress.history, os.path.join(run.run_dir, "curves.png"))
+            draw_confusion(run)
+
+
+def catch_up_writes(run, progress):
+    """At the end of a run: last.pt and the plots of its last epoch, if --save-share skipped them."""
+    if run.writes.behind:
+        write_epoch_files(run, progress)
+
+
+def draw_confusion(run):
+    if run.writes.confusion is not None:
+        run.writes.confusion()
+        run.writes.confusion = None
 
 
 def report_bad_files(bad, progress, run_dir=None):
@@ -697,7 +722,8 @@ def build_run(cfg, model, device, train_set, steps_per_epoch, run_dir) -> Run:
                criterion=TrainLoss(cfg, weights.to(device) if weights is not None else None),
                mixer=build_mixer(cfg, len(train_set.classes)), classes=tuple(train_set.classes),
                class_counts=tuple(int(n) for n in counts), run_dir=run_dir,
-               board=Board(run_dir, train_set, cfg) if cfg.tensorboard and distributed.is_main() else None)
+               board=Board(run_dir, train_set, cfg) if cfg.tensorboard and distributed.is_main() else None,
+               writes=EpochWrites(cfg.save_share))
 
 
 def describe(run, train_set, val_set):
@@ -735,7 +761,7 @@ def fit(run: Run, loaders, progress: Progress, started: float) -> int:
             finished = finished and not distributed.any_rank(stop.out_of_time(stop.longest_validation), run.device)
             scores = validate(run, loaders.val, epoch, stop) if finished else None
             if scores is None:  # stopped by a signal or the time limit mid-epoch
-                save_last(run, progress)
+                write_epoch_files(run, progress)
                 return stop_run(stop, progress, run, steps_per_epoch)
             stop.validation_took(scores["seconds"])
             record_epoch(run, progress, epoch, scores, loaders.val.dataset.dataset)
@@ -743,7 +769,9 @@ def fit(run: Run, loaders, progress: Progress, started: float) -> int:
                 break
             # after the last epoch there is nothing left to stop: the run ends as finished
             if progress.epoch < cfg.epochs and distributed.any_rank(stop.requested, run.device):
+                catch_up_writes(run, progress)
                 return stop_run(stop, progress, run, steps_per_epoch)
+    catch_up_writes(run, progress)
     if run.board is not None:
         run.board.close()
     best = progress.best

@@ -5,7 +5,8 @@
 
 Every trial is a real train.py run (a subprocess, the same loop and checkpoints) in <output-dir>/<name>/trials/; its
 history.csv is read after each epoch, the val accuracy reported to Optuna, and a trial the pruner gives up on is
-stopped with SIGTERM (train.py saves last.pt and exits). The study lives in <output-dir>/<name>/study.db (or
+stopped with SIGTERM (train.py saves last.pt and exits); a trial's checkpoints are deleted when it ends
+(--keep-checkpoints keeps them). The study lives in <output-dir>/<name>/study.db (or
 --storage URL), so the same command continues it and several machines can share one. At the end the best
 configurations are run again with more seeds, ranked by their mean, and the winner written to best_config.json
 (python train.py --config best_config.json takes it as it is), with report.md and its plots.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -64,6 +66,10 @@ SPACES = {
         "hflip": [0.0, 0.5],  # text, digits and other data a mirror changes
     },
 }
+# the known recipes a new study tries first (--first-trials), so that the winner is at least as good as them on val;
+# a setting outside the space's range is drawn instead
+PLAIN = {"lr": 1e-3, "weight_decay": 0.05, "augment": "light", "rrc_scale_low": 0.6, "label_smoothing": 0.0,
+         "loss": "ce", "head": "linear", "ema": False, "mixup": 0.0, "cutmix": 0.0, "hflip": 0.5}
 SPECIAL = {"augment": ["seed", "light", "ta_wide", "rand-m9", "augmix", "imagenet"], "rrc_scale_low": None}
 # set by tune.py for every trial, or meaningless in a search
 RESERVED = {"data_dir", "output_dir", "run_name", "epochs", "seed", "time_limit", "all_folds", "rrc_scale", "aug",
@@ -111,6 +117,13 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     p.add_argument("--prune-below", type=float, default=0.0, help="also prune a trial (after --prune-warmup epochs) "
                    "whose val accuracy is below this, e.g. chance level (default: %(default)s = off)")
+    p.add_argument("--first-trials", nargs="+", choices=["defaults", "plain", "none"], default=["defaults", "plain"],
+                   help="known recipes a new study tries before it samples: defaults = train.py's, plain = a from-scratch recipe (light augmentation, crops of 60-100%%, linear "
+                   "head, CE, LR 1e-3, weight decay 0.05, no EMA or mixing); each setting outside the space is drawn "
+                   "instead (default: %(default)s)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep every trial's last.pt and best.pt (by "
+                   "default they are deleted when the trial ends: the report needs the trials' histories only, and "
+                   "best_config.json trains the final model anew)")
     p.add_argument("--confirm-top", type=int, default=3, help="configurations re-run with more seeds before a "
                    "winner is named (default: %(default)s)")
     p.add_argument("--confirm-seeds", type=int, default=2, help="extra seeds per confirmed configuration "
@@ -273,7 +286,7 @@ def open_study(args, study_dir):
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"--storage {url}: cannot open it ({reason})")
     # seeded, and moved on by the trials so far, so that a resumed study does not draw its first settings again
-    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
+    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(started(study)))
     return study, url
 
 
@@ -377,6 +390,9 @@ def run_training(search: Search, command: list[str], run_dir: str, trial=None) -
             proc.send_signal(signal.SIGTERM)
             proc.wait()
             raise
+    if not search.args.keep_checkpoints:  # the study needs a run's history only; a trial's .pt files fill disks
+        for path in glob.glob(os.path.join(run_dir, "*.pt")):
+            os.remove(path)
     with open(run_dir + ".log", errors="replace") as f:
         text = f.read()
     rows = read_history(os.path.join(run_dir, "history.csv"))
@@ -443,9 +459,34 @@ def progress_line(what: str, settings: dict, outcome: Outcome, epochs: int) -> s
     return f"{what} | {short(settings)} | {acc} | {outcome.epochs}/{epochs} epochs | {end} | {outcome.seconds:.0f}s"
 
 
+def in_space(spec, value) -> bool:
+    if isinstance(spec, list):
+        return any(v == value and isinstance(v, bool) == isinstance(value, bool) for v in spec)
+    if isinstance(spec, dict):
+        low, high = next(iter(spec.values()))
+        return is_number(value) and low <= value <= high
+    return False  # a fixed setting: nothing to enqueue
+
+
+def first_points(search: Search) -> list[dict]:
+    """--first-trials as settings of the space: train.py's defaults (with the flags after --) and the plain recipe."""
+    cfg, points = search.cfg, []
+    defaults = {name: getattr(cfg, name) for name in search.space if hasattr(cfg, name)}
+    defaults.update(augment=cfg.auto_augment if cfg.aug == "policy" else cfg.aug, rrc_scale_low=cfg.rrc_scale[0])
+    for name in search.args.first_trials:
+        recipe = {"defaults": defaults, "plain": PLAIN}.get(name, {})
+        point = {k: v for k, v in recipe.items() if k in search.space and in_space(search.space[k], v)}
+        if point:
+            points.append(point)
+    return points
+
+
 def search_trials(search: Search, study) -> None:
     """Trials until --trials are done or the next one would not fit in the search's share of --budget."""
     args, done = search.args, 0
+    if not study.trials:  # a new study; skip_if_exists: another process may be starting it too
+        for point in first_points(search):
+            study.enqueue_trial(point, skip_if_exists=True)
     while not args.trials or done < args.trials:
         left = search_time_left(search)
         if left is not None and left < max(search.trial_seconds, 1):
@@ -471,7 +512,7 @@ def earlier_trial_seconds(study) -> float:
 
 def print_plan(search: Search, study, storage: str) -> None:
     args = search.args
-    print(f"study {args.name} in {search.study_dir} ({storage}): {len(study.trials)} trials so far; space "
+    print(f"study {args.name} in {search.study_dir} ({storage}): {len(started(study))} trials so far; space "
           f"{args.space} ({len(search.space)} settings); {args.epochs_per_trial} epoch(s) per trial; pruner "
           + (f"median (from epoch {args.prune_warmup}, once {args.prune_startup} trials finished)"
              if args.pruner == "median" else "none")
@@ -499,6 +540,12 @@ def plan_estimate(search: Search) -> str:
 
 
 # ---------------------------------------------------------------- honest selection
+
+def started(study) -> list:
+    """The study's trials but the --first-trials still waiting for a process to run them."""
+    import optuna
+    return [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
+
 
 def finished(study, role: str, complete_only: bool = False) -> list:
     import optuna
@@ -596,7 +643,7 @@ def write_best_config(search: Search, settings: dict) -> str:
 def trials_table(study):
     import pandas as pd
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in started(study):
         attrs = t.user_attrs
         value = t.value if t.value is not None else float("nan")
         rows.append({"trial": t.number, "role": attrs.get("role", "?") + (
@@ -740,6 +787,8 @@ def check_args(args) -> float | None:
     for name in ("epochs_per_trial", "final_epochs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if "none" in args.first_trials and len(args.first_trials) > 1:
+        raise UserError("--first-trials none: give it alone (no known recipe first), or defaults and/or plain")
     if args.prune_warmup is None:
         args.prune_warmup = max(1, args.epochs_per_trial // 3)
     if min(args.confirm_top, args.confirm_seeds + 1, args.prune_startup + 1, args.prune_warmup + 1) < 1:

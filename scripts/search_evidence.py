@@ -30,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name: (command that writes the dataset, epochs of every compared run, tune.py budget, epochs per search trial)
 DATASETS = {
     "fashion-mnist": (["scripts/fashion_mnist.py", "--size", "32", "--train-per-class", "300",
-                       "--val-per-class", "100"], 10, "20m", 2),
+                       "--val-per-class", "100"], 10, "20m", 3),
     "digits": (["scripts/digits.py", "--size", "32", "--train-per-class", "20", "--test-size", "800"], 60, "20m",
-               10),
+               20),
 }
 MODEL = ["--arch", "resnet18", "--weights", "none", "--img-size", "32", "--eval-crop-ratio", "1",
          "--batch-size", "64"]
@@ -104,7 +104,10 @@ def fitting_epochs(out, config, wall):
     with open(config) as f:
         cfg = json.load(f)
     trials = pd.read_csv(os.path.join(out, "search", "trials.csv"))
-    key = f"lr {cfg['lr']:.3g} wd {cfg['weight_decay']:.3g} "  # the space's first two settings, as trials.csv shows
+    sys.path.insert(0, ROOT)
+    from config import Config
+    lr, wd = cfg.get("lr", Config().lr), cfg.get("weight_decay", Config().weight_decay)  # left out when the default
+    key = f"lr {lr:.3g} wd {wd:.3g} "  # the space's first two settings, as trials.csv shows them
     runs = trials[trials["settings"].str.startswith(key) & (trials["state"] == "complete")]
     return max(1, int(wall * runs["epochs"].sum() / runs["seconds"].sum()))
 
@@ -202,11 +205,11 @@ def main():
     p.add_argument("--only", choices=list(DATASETS), default=None, help="run one dataset (default: both)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=0, help="epochs of every compared run (default: 0 = the "
-                   "dataset's: fashion-mnist 10, digits 15)")
+                   "dataset's: fashion-mnist 10, digits 60)")
     p.add_argument("--search", default="", help="tune.py's length: a budget (25m) or a number of trials "
                    "(default: the dataset's: fashion-mnist 20m, digits 20m)")
     p.add_argument("--trial-epochs", type=int, default=0, help="epochs per search trial (default: 0 = the "
-                   "dataset's: fashion-mnist 2, digits 10)")
+                   "dataset's: fashion-mnist 3, digits 20)")
     args = p.parse_args()
     if min(args.epochs, args.trial_epochs) < 0 or len(set(args.seeds)) != len(args.seeds):
         p.error("--epochs and --trial-epochs cannot be negative, and --seeds must differ")

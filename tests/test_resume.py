@@ -266,3 +266,24 @@ def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops_keeping_the_last_g
     ckpt = torch.load(tmp_path / "d" / "last.pt", weights_only=True)
     assert ckpt["progress"]["step"] == 4 and ckpt["progress"]["nonfinite_steps"] == 2  # saved after step 4 only
     assert all(np.isfinite(t.numpy()).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_save_share_writes_last_pt_every_few_epochs_and_always_after_the_last(tmp_path, capsys):
+    # a share this small leaves every epoch after the first without its write: the last one must catch up
+    args = ["--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "short", "--epochs", 3, *TINY]
+    code, out, err = run_main(train.main, [*args, "--save-share", 0.0001], capsys)
+    assert code == 0, err
+    assert "note: writing last.pt and the plots takes" in out and "--save-share 0.0001" in out
+    run_dir = tmp_path / "short"
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["progress"]["epoch"] == 3 and len(last["progress"]["history"]) == 3
+    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3]
+    for name in ("curves.png", "confusion_matrix.png"):
+        assert (run_dir / name).stat().st_size > 0
+    # the caught-up last.pt resumes
+    code, out, err = run_main(train.main, ["--resume", run_dir / "last.pt", "--epochs", 4,
+                                           "--allow-schedule-change", "--workers", 0], capsys)
+    assert code == 0, err
+    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3, 4]
+    message = error_line(*run_main(train.main, [*args, "--save-share", 2, "--overwrite"], capsys)[::2])
+    assert "--save-share 2: give a share in (0, 1]" in message

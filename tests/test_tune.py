@@ -39,10 +39,18 @@ def test_study_resumes_and_its_winner_trains(data, tmp_path):
     assert "train the final model with: python train.py --config" in proc.stdout
     for name in ("best_config.json", "report.md", "history.png", "curves.png", "trials.csv", "study.db"):
         assert (study_dir / name).is_file(), name
+    assert len(list((study_dir / "trials").glob("*/history.csv"))) == 3  # kept: their .pt files are deleted
+    assert not list((study_dir / "trials").glob("*/*.pt"))
     report = (study_dir / "report.md").read_text()
     assert "## Winner" in report and "standard error" in report and "best_config.json" in report
     first = {t.number: t.value for t in search_trials(study_dir)}
     assert sorted(first) == [0, 1] and all(0 <= v <= 1 for v in first.values())
+    # a new study tries train.py's defaults first, then the plain recipe (its LR 1e-3 lies outside the seed space)
+    trial0, trial1 = search_trials(study_dir)
+    assert trial0.params == dict(lr=5e-5, weight_decay=0.01, augment="seed", rrc_scale_low=0.08, label_smoothing=0.05,
+                                 loss="schedule", head="mlp", ema=True, mixup=0.0, cutmix=0.0)
+    assert {k: trial1.params[k] for k in ("augment", "head", "loss", "ema")} == dict(augment="light", head="linear",
+                                                                                     loss="ce", ema=False)
 
     proc = run_script("tune.py", *tune_args(data, out, "--trials", 1, "--confirm-seeds", 0))
     assert "3 trials so far" in proc.stdout  # two search trials and one confirmation run
@@ -73,8 +81,8 @@ def test_two_processes_share_one_study(data, tmp_path):
 def test_a_pruned_trial_is_stopped_by_sigterm(data, tmp_path):
     """--prune-below 1.01 prunes every trial after its first epoch: train.py must get SIGTERM, save last.pt and
     stop long before its 30 epochs; with no complete trial there is no winner, said in one line."""
-    code = run_script("tune.py", *tune_args(data, tmp_path, "--trials", 1, "--prune-below", 1.01,
-                                            "--prune-warmup", 1, "--confirm-seeds", 0)[:-len(FIXED)],
+    code = run_script("tune.py", *tune_args(data, tmp_path, "--trials", 1, "--prune-below", 1.01, "--prune-warmup",
+                                            1, "--confirm-seeds", 0, "--keep-checkpoints")[:-len(FIXED)],
                       "--epochs-per-trial", 30, *FIXED, check=False)
     assert code.returncode == 2, code.stdout + code.stderr
     assert "no trial of study tune finished all its epochs" in code.stderr
@@ -97,8 +105,9 @@ def test_ctrl_c_stops_the_trial_and_keeps_the_study(data, tmp_path):
     assert proc.returncode == 130
     assert one_line_error(2, err).startswith("interrupted: the running trial was stopped")
     assert "SIGTERM: stopped at epoch" in (tmp_path / "tune" / "trials" / "0000.log").read_text()
-    (trial,) = optuna.load_study(study_name="tune", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}").trials
+    trial, plain = optuna.load_study(study_name="tune", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}").trials
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["error"] == "interrupted (Ctrl-C)"
+    assert plain.state == optuna.trial.TrialState.WAITING  # the plain recipe: the resumed study runs it next
 
 
 def write(path, text):
@@ -159,3 +168,22 @@ def test_prune_warmup_defaults_to_a_third_of_a_trial(data, more, warmup):
     args, _ = tune.parse_args(["--data-dir", str(data), "--trials", "1", *more])
     tune.check_args(args)
     assert args.prune_warmup == warmup
+
+
+def first_points(*argv):
+    args, train_args = tune.parse_args(["--data-dir", str(ROOT), "--trials", "1", *argv])
+    search = tune.Search(args=args, train_args=train_args, space=tune.load_space(args.space),
+                         cfg=tune.fixed_config(args, train_args), study_dir="", deadline=None)
+    return tune.first_points(search)
+
+
+def test_first_trials_are_the_known_recipes_inside_the_space(data, capsys):
+    defaults, plain = first_points("--space", "wide")
+    assert defaults["lr"] == 5e-5 and defaults["augment"] == "seed" and defaults["rrc_scale_low"] == 0.08
+    assert defaults["hflip"] == 0.5 and defaults["loss"] == "schedule" and defaults["ema"] is True
+    assert plain == tune.PLAIN  # every plain setting lies inside the wide space
+    assert "lr" not in first_points("--space", "seed")[1] and first_points("--first-trials", "none") == []
+    (only,) = first_points("--first-trials", "plain", "--space", "wide")
+    assert only == tune.PLAIN
+    code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", "1", "--first-trials", "none", "plain"], capsys)
+    assert one_line_error(code, err).startswith("error: --first-trials none: give it alone")
