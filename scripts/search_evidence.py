@@ -144,7 +144,7 @@ def one_dataset(name, args):
         flags = [*MODEL, "--epochs", str(epochs), *limit, str(seed)]
         rows.append({"recipe": "defaults", "seed": seed, **ours(data, out, f"defaults-{seed}", flags)})
     config, info = search(data, out, budget, trial_epochs, epochs)
-    fitting = fitting_epochs(out, config, wall)
+    fitting = min(epochs, fitting_epochs(out, config, wall))
     searched = {}
     for seed in seeds:
         flags = ["--config", config, "--epochs", str(fitting), *limit, str(seed)]
