@@ -301,6 +301,7 @@ class Search:
     deadline: float | None  # time.monotonic() when the budget ends, None without --budget
     trial_seconds: float = 0.0  # the longest full trial so far, the unit of the plan
     measured: bool = False  # whether trial_seconds comes from a complete trial (else from a stopped one, scaled)
+    reserve: float = 0.0  # seconds kept back for the confirmation runs (confirm_reserve)
 
 
 def trial_command(search: Search, params: dict, run_name: str, seed: int, time_limit: float) -> list[str]:
@@ -407,7 +408,16 @@ def search_time_left(search: Search) -> float | None:
     """Seconds the search may still use (the confirmation runs' share kept back); None without --budget."""
     if search.deadline is None:
         return None
-    return search.deadline - time.monotonic() - confirm_runs(search.args) * search.trial_seconds
+    return search.deadline - time.monotonic() - search.reserve
+
+
+def confirm_reserve(search: Search, study) -> float:
+    """The confirmation's share of the budget: the current top configurations' own trial times, once per extra
+    seed (the longest complete trial stands in for a place not yet taken), so that a slow trial outside the top
+    does not shrink the search."""
+    top = [t.user_attrs.get("seconds", 0.0) for t in top_trials(study, search.args.confirm_top)]
+    top += [search.trial_seconds] * (search.args.confirm_top - len(top))
+    return search.args.confirm_seeds * sum(top)
 
 
 def confirm_runs(args) -> int:
@@ -437,6 +447,7 @@ def run_trial(search: Search, study, trial) -> Outcome:
     else:
         study.tell(trial, state=optuna.trial.TrialState.FAIL if outcome.state == "failed"
                    else optuna.trial.TrialState.PRUNED)
+    search.reserve = confirm_reserve(search, study)
     print(progress_line(f"trial {trial.number}", settings, outcome, search.args.epochs_per_trial), flush=True)
     return outcome
 
@@ -491,7 +502,7 @@ def search_trials(search: Search, study) -> None:
         left = search_time_left(search)
         if left is not None and left < max(search.trial_seconds, 1):
             print(f"search stops: the next trial would not fit in the budget before the confirmation's share "
-                  f"({confirm_runs(args)} runs of about {search.trial_seconds:.0f}s)")
+                  f"({confirm_runs(args)} runs, about {search.reserve / 60:.1f} min)")
             break
         first = not search.trial_seconds
         outcome = run_trial(search, study, study.ask())
@@ -532,7 +543,7 @@ def print_plan(search: Search, study, storage: str) -> None:
 
 def plan_estimate(search: Search) -> str:
     total = search.deadline - time.monotonic()
-    reserve = confirm_runs(search.args) * search.trial_seconds
+    reserve = search.reserve
     fit = max(int((total - reserve) // search.trial_seconds), 0)
     return (f"a full trial takes about {search.trial_seconds:.0f}s: about {fit} more full-length trials fit in "
             f"the {max(total - reserve, 0) / 60:.1f} min left for the search (pruned trials end sooner, so more "
@@ -810,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     earlier = earlier_trial_seconds(study)
     search = Search(args, train_args, space, cfg, study_dir, started + budget if budget else None, earlier,
                     earlier > 0)
+    search.reserve = confirm_reserve(search, study)
     print_plan(search, study, storage)
     try:
         search_trials(search, study)

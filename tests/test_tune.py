@@ -187,3 +187,16 @@ def test_first_trials_are_the_known_recipes_inside_the_space(data, capsys):
     assert only == tune.PLAIN
     code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", "1", "--first-trials", "none", "plain"], capsys)
     assert one_line_error(code, err).startswith("error: --first-trials none: give it alone")
+
+
+def test_the_confirmation_keeps_back_the_top_configurations_own_times():
+    """A slow trial outside the top must not shrink the search: the reserve is the top trials' seconds per seed."""
+    study = optuna.create_study(direction="maximize")
+    for value, seconds in [(0.9, 40.0), (0.5, 200.0), (0.8, 50.0)]:
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"role": "search", "seconds": seconds}))
+    args = type("Args", (), {"confirm_top": 2, "confirm_seeds": 2})()
+    search = tune.Search(args=args, train_args=[], space={}, cfg=None, study_dir="", deadline=None,
+                         trial_seconds=200.0, measured=True)
+    assert tune.confirm_reserve(search, study) == 2 * (40 + 50)
+    args.confirm_top = 4  # more places than complete trials: the longest trial stands in for the missing one
+    assert tune.confirm_reserve(search, study) == 2 * (40 + 50 + 200 + 200)
