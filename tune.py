@@ -118,9 +118,10 @@ def parse_args(argv=None):
     p.add_argument("--prune-below", type=float, default=0.0, help="also prune a trial (after --prune-warmup epochs) "
                    "whose val accuracy is below this, e.g. chance level (default: %(default)s = off)")
     p.add_argument("--first-trials", nargs="+", choices=["defaults", "plain", "none"], default=["defaults", "plain"],
-                   help="known recipes a new study tries before it samples: defaults = train.py's, plain = a from-scratch recipe (light augmentation, crops of 60-100%%, linear "
-                   "head, CE, LR 1e-3, weight decay 0.05, no EMA or mixing); each setting outside the space is drawn "
-                   "instead (default: %(default)s)")
+                   help="known recipes a new study tries before it samples: defaults = train.py's, plain = a "
+                   "from-scratch recipe (light augmentation, crops of 60-100%%, linear head, CE, LR 1e-3, weight "
+                   "decay 0.05, no EMA or mixing); each setting outside the space is drawn instead "
+                   "(default: %(default)s)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every trial's last.pt and best.pt (by "
                    "default they are deleted when the trial ends: the report needs the trials' histories only, and "
                    "best_config.json trains the final model anew)")
@@ -480,7 +481,8 @@ def in_space(spec, value) -> bool:
 
 
 def first_points(search: Search) -> list[dict]:
-    """--first-trials as settings of the space: train.py's defaults (with the flags after --) and the plain recipe."""
+    """--first-trials as settings of the space: train.py's defaults and the plain recipe, each setting the space
+    holds (the others are drawn)."""
     cfg, points = search.cfg, []
     defaults = {name: getattr(cfg, name) for name in search.space if hasattr(cfg, name)}
     defaults.update(augment=cfg.auto_augment if cfg.aug == "policy" else cfg.aug, rrc_scale_low=cfg.rrc_scale[0])
