@@ -24,7 +24,7 @@ import inference
 import train
 from config import Config
 from scripts.score import read_csv, score
-from errors import UserError, run_cli
+from errors import UserError, check_folder_path, run_cli
 from plots import draw_confusion, markdown_table, pyplot, save_figure
 
 DEFAULT_GRID = ["ema=on,off", "loss=schedule,ce"]
@@ -253,7 +253,7 @@ def plot_curves(runs, path):
     colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 5))
     for run in runs:
-        history = pd.read_csv(os.path.join(run["dir"], "history.csv"))
+        history = pd.read_csv(os.path.join(run["dir"], "history.csv")).dropna(subset=["val_acc"])  # --val-every
         label = settings_label(run["settings"])
         colour = colours(labels.index(label) % colours.N)
         first = run["seed"] == min(r["seed"] for r in runs)  # one legend entry per setting
@@ -325,6 +325,7 @@ def write_report(path, factors, summary, args, train_args):
 def main(argv=None):
     args, train_args = parse_args(argv)
     factors, grid_dir, runs = plan(args, train_args)
+    check_folder_path(grid_dir, "grid folder")
     os.makedirs(grid_dir, exist_ok=True)
     print(f"{len(runs)} runs in {grid_dir}: " + ", ".join(r["name"] for r in runs))
     for i, run in enumerate(runs):

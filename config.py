@@ -129,6 +129,10 @@ class Config:
                            "0 = train all --epochs", group="stopping")
     min_delta: float = opt(0.0, "with --patience: the smallest rise of the val accuracy that counts as better (0.002 "
                                 "= 0.2 points)", group="stopping")
+    val_every: int = opt(1, "validate after every Nth epoch only (and always after the last one and the one a stop "
+                            "ends on): for data whose val pass costs much beside an epoch of training; best.pt, "
+                            "--patience and the pruning of tune.py then see those epochs only, and history.csv "
+                            "leaves the others' val columns empty", group="stopping")
     time_limit: str = opt("", "stop at the last optimiser step that ends before this much wall time since the start "
                               "(90m, 2h, 1h30m, 3600s; a bare number is seconds), save a resumable last.pt, print the "
                               "resume command and exit with code 124 as timeout(1) does; the cosine schedule still "
@@ -415,6 +419,7 @@ def check_ranges(cfg):
     need(cfg.min_lr <= cfg.lr, f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the cosine would rise")
     need(0 < cfg.save_share <= 1, f"--save-share {cfg.save_share:g}: give a share in (0, 1]")
     need(min(cfg.clip_grad, cfg.patience) >= 0, "--clip-grad and --patience cannot be negative")
+    need(cfg.val_every >= 1, f"--val-every {cfg.val_every}: give a number of epochs >= 1")
     need(0 <= cfg.val_fraction < 1 and 0 <= cfg.min_delta < 1,
          "--val-fraction and --min-delta must lie in [0, 1) (a share of train/, a rise of the val accuracy)")
     time_limit_seconds(cfg.time_limit)  # a one-line error for a duration it cannot read

@@ -1,6 +1,7 @@
 """The user's mistakes as one line, never a traceback: UserError and the wrapper every script's main runs in."""
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -8,6 +9,18 @@ from typing import NoReturn
 
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, never as a traceback."""
+
+
+def check_folder_path(path: str, what: str) -> None:
+    """A one-line error before any work when `path` cannot become a folder to write in: a file stands where a folder
+    of it should be, or the nearest folder on it that exists is not writable. what: how the user named it."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {probe} is not writable")
 
 
 def run_cli(main: Callable[[], int]) -> NoReturn:

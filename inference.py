@@ -33,7 +33,7 @@ from config import Config, config_from_dict
 from dataset import FlatImages, LabelledImages, center_crop, eval_crop, eval_transform, eval_sizes, find_classes, \
     loader_options, normalisation, to_float_batch
 from checkpoint import load_checkpoint, select_weights
-from errors import UserError, run_cli
+from errors import UserError, check_folder_path, run_cli
 from export import export_members
 from model import build_model, data_summary, resolve_data, short_list
 from report import Labelled, write_report
@@ -106,6 +106,17 @@ def parse_args(argv=None):
     if args.report is not None and not args.val_dir:
         p.error("--report needs --val-dir (a labelled folder to measure the model on)")
     return args
+
+
+def check_outputs(args):
+    """The files and folders to write, checked before the model runs: a wrong path fails at once, in one line."""
+    for flag, path in [("--output", args.output), ("--export", args.export)]:
+        if path and os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder: give a file name")
+        if path:
+            check_folder_path(os.path.dirname(os.path.abspath(path)), flag)
+    if args.report:
+        check_folder_path(args.report, "--report")
 
 
 def add_file_args(p):
@@ -347,6 +358,7 @@ def precision_note(cfg, device):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_outputs(args)
     device = distributed.setup(pick_device(args.device))
     members, classes, prior = load_members(args, device)
     for _, cfg, source, path, _ in members:

@@ -29,18 +29,14 @@ def pyplot() -> ModuleType:
 def plot_curves(history: Sequence[dict[str, Any]], path: str) -> None:
     """Loss and accuracy per epoch: train vs val, raw vs EMA weights."""
     plt = pyplot()
-    epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label, style in [("train_loss", "train", "-"), ("val_loss", "val (raw)", "-"),
-                              ("val_loss_ema", "val (EMA)", "--")]:
-        values = [h.get(key) for h in history]
-        if any(v is not None and v == v for v in values):
-            ax_loss.plot(epochs, values, style, label=label, marker="." if len(epochs) < 30 else None)
-    for key, label, style in [("train_acc", "train", "-"), ("val_acc", "val (raw)", "-"),
-                              ("val_acc_ema", "val (EMA)", "--")]:
-        values = [h.get(key) for h in history]
-        if any(v is not None and v == v for v in values):
-            ax_acc.plot(epochs, values, style, label=label, marker="." if len(epochs) < 30 else None)
+    for ax, kind in [(ax_loss, "loss"), (ax_acc, "acc")]:
+        for key, label, style in [(f"train_{kind}", "train", "-"), (f"val_{kind}", "val (raw)", "-"),
+                                  (f"val_{kind}_ema", "val (EMA)", "--")]:
+            # the epochs that have the value: no EMA yet, or not validated (--val-every)
+            points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None and h[key] == h[key]]
+            if points:
+                ax.plot(*zip(*points), style, label=label, marker="." if len(points) < 30 else None)
     ax_loss.set(title="loss (val: plain cross-entropy)", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.01))
     for ax in (ax_loss, ax_acc):

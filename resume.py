@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 # is computed up to then
 FREE_ON_RESUME = {"data_dir", "output_dir", "run_name", "workers", "device", "weights", "save_every_steps",
                   "keep_epochs", "save_share", "max_bad_frac", "cache", "channels_last", "cudnn_benchmark", "tf32",
-                  "compile", "patience", "min_delta", "time_limit"}
+                  "compile", "patience", "min_delta", "time_limit", "val_every"}
 # settings that give the saved state another meaning: never changed on resume
 FIXED_ON_RESUME = {"arch", "head", "batch_size", "ema", "max_params"}
 

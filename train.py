@@ -46,7 +46,7 @@ from dataset import (LabelledImages, build_train_val, check_images, center_crop,
                      loader_options, normalisation, not_images_note, to_float_batch)
 from augment import BatchAugment
 from ema import make_ema
-from errors import UserError, run_cli
+from errors import UserError, check_folder_path, run_cli
 from finetune import backbone_frozen, param_groups, reported_lr, set_backbone_frozen
 from folds import VAL_SPLIT, fold_datasets, run_all_folds, val_fraction_datasets, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
@@ -234,6 +234,7 @@ def short_names(names, n=5):
 
 def new_run_dir(cfg, overwrite):
     run_dir = os.path.join(cfg.output_dir, run_name(cfg))
+    check_folder_path(run_dir, "run folder")  # before the data scan, not after it
     clear_old_run(run_dir, overwrite)
     return run_dir
 
@@ -243,6 +244,7 @@ def folds_parent(cfg, overwrite):
     (fold folders of a run with more folds, its oof.csv)."""
     name = run_name(cfg)
     parent = os.path.join(cfg.output_dir, name)
+    check_folder_path(parent, "run folder")
     if overwrite:
         clear_old_run(parent, overwrite)
     return name
@@ -473,6 +475,16 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, run: R
                 targets=targets, bad=bad)
 
 
+NOT_VALIDATED = dict(raw=None, ema=None, seconds=0.0)  # the scores of an epoch that --val-every skips
+
+
+def validation_due(cfg, epoch, stop, device):
+    """--val-every: the epoch is validated when it is an Nth one, the last one, or the one a stop (signal,
+    --time-limit) ends the run on, so that best.pt and the curves always see the weights the run ends with."""
+    return (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs or distributed.any_rank(stop.requested,
+                                                                                               device)
+
+
 def validate(run: Run, loader, epoch: int, stop: GracefulStop):
     """The raw weights, and the EMA's from --ema-start-epoch on, on val: {"raw": scores, "ema": scores or None,
     "seconds": the time it took}, or None when a signal stopped it."""
@@ -491,13 +503,13 @@ def validate(run: Run, loader, epoch: int, stop: GracefulStop):
 
 def epoch_row(run, progress, epoch, scores):
     """The epoch's history.csv row."""
-    val, val_ema = scores["raw"], scores["ema"]
+    val, val_ema = scores["raw"] or {}, scores["ema"] or {}  # empty: not validated (--val-every)
     phase, share = loss_phase(run.cfg, epoch)
     return dict(epoch=epoch + 1, lr=progress.epoch_lr, loss_phase=phase, focal_share=share,
                 train_loss=progress.loss_sum / max(progress.seen, 1),
-                train_acc=progress.correct / max(progress.seen, 1), val_loss=val["loss"], val_acc=val["acc"],
-                val_loss_ema=val_ema["loss"] if val_ema else math.nan,
-                val_acc_ema=val_ema["acc"] if val_ema else math.nan,
+                train_acc=progress.correct / max(progress.seen, 1), val_loss=val.get("loss", math.nan),
+                val_acc=val.get("acc", math.nan), val_loss_ema=val_ema.get("loss", math.nan),
+                val_acc_ema=val_ema.get("acc", math.nan),
                 nonfinite_steps=progress.nonfinite_steps,
                 images_per_s=progress.seen / max(progress.seconds, 1e-9),
                 epoch_seconds=progress.seconds + scores["seconds"])
@@ -519,18 +531,20 @@ def save_best(run, epoch, source, chosen, row, val_set):
 
 def record_epoch(run: Run, progress: Progress, epoch: int, scores: dict, val_set):
     """Keep what an epoch gave: the history row, best.pt when it is the best so far, last.pt, the plots, the
-    console line. The raw or the EMA weights, whichever scored higher, stand for the epoch."""
-    report_bad_files(scores["raw"]["bad"] + (scores["ema"]["bad"] if scores["ema"] else []), progress, run.run_dir)
+    console line. The raw or the EMA weights, whichever scored higher, stand for the epoch. An epoch that --val-every
+    skips keeps its history row, last.pt and the curves."""
     val, val_ema = scores["raw"], scores["ema"]
-    source, chosen = ("ema", val_ema) if val_ema is not None and val_ema["acc"] > val["acc"] else ("raw", val)
-    row = epoch_row(run, progress, epoch, scores)
-    improved = chosen["acc"] > progress.best["acc"]
-    if improved:
-        progress.best = {"acc": chosen["acc"], "epoch": epoch + 1, "source": source}
-    update_plateau(progress, chosen["acc"], run.cfg.min_delta)
-    distributed.check_in_sync(run.model, *([run.ema.module] if run.ema is not None else []))
-    if improved and distributed.is_main():
-        save_best(run, epoch, source, chosen, row, val_set)
+    row, improved = epoch_row(run, progress, epoch, scores), False
+    if val is not None:
+        report_bad_files(val["bad"] + (val_ema["bad"] if val_ema else []), progress, run.run_dir)
+        source, chosen = ("ema", val_ema) if val_ema is not None and val_ema["acc"] > val["acc"] else ("raw", val)
+        improved = chosen["acc"] > progress.best["acc"]
+        if improved:
+            progress.best = {"acc": chosen["acc"], "epoch": epoch + 1, "source": source}
+        update_plateau(progress, chosen["acc"], run.cfg.min_delta, epoch + 1 - last_validated(progress.history))
+        distributed.check_in_sync(run.model, *([run.ema.module] if run.ema is not None else []))
+        if improved and distributed.is_main():
+            save_best(run, epoch, source, chosen, row, val_set)
     progress.history.append(row)
     if run.board is not None:
         run.board.log_epoch(row, os.path.join(run.run_dir, "confusion_matrix.png") if improved else None)
@@ -540,19 +554,26 @@ def record_epoch(run: Run, progress: Progress, epoch: int, scores: dict, val_set
                                               float_format="%.6g")
     if run.cfg.keep_epochs or run.writes.due(run.device):
         write_epoch_files(run, progress)
-    ema_text = f" | val EMA {val_ema['acc']:.4f}" if val_ema else ""
+    val_text = f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}" if val else ""
+    val_text += f" | val EMA {val_ema['acc']:.4f}" if val_ema else ""
     print(f"epoch {epoch + 1:3d}/{run.cfg.epochs} | {row['loss_phase']:5s} | lr {row['lr']:.2e} | train loss "
-          f"{row['train_loss']:.4f} acc {row['train_acc']:.4f} | val loss {val['loss']:.4f} acc "
-          f"{val['acc']:.4f}{ema_text} | {row['images_per_s']:.0f} img/s{' | best' if improved else ''}")
+          f"{row['train_loss']:.4f} acc {row['train_acc']:.4f}{val_text} | {row['images_per_s']:.0f} img/s"
+          f"{' | best' if improved else ''}")
 
 
-def update_plateau(progress, acc, min_delta):
+def last_validated(history):
+    """The last validated epoch in history.csv's rows (0 when none): --val-every leaves the others' val_acc NaN."""
+    return next((row["epoch"] for row in reversed(history) if row["val_acc"] == row["val_acc"]), 0)
+
+
+def update_plateau(progress, acc, min_delta, epochs=1):
     """--patience: an epoch is better when its val accuracy beats the last better one's by more than --min-delta
-    (counted with or without --patience, so that a resumed run may add it)."""
+    (counted with or without --patience, so that a resumed run may add it); epochs: those since the last
+    validation, which --val-every makes more than one."""
     if acc > progress.plateau_best + min_delta:
         progress.plateau_best, progress.plateau_epochs = acc, 0
     else:
-        progress.plateau_epochs += 1
+        progress.plateau_epochs += epochs
 
 
 def plateaued(cfg, progress, last):
@@ -757,9 +778,11 @@ def fit(run: Run, loaders, progress: Progress, started: float) -> int:
                 progress.start_epoch(reported_lr(run.optimizer))
             loaders.sampler.start_epoch(epoch, progress.done)
             finished = train_one_epoch(run, loaders.train, epoch, progress, stop)
+            checked = finished and validation_due(cfg, epoch, stop, run.device)
             # a validation pass that would end past --time-limit waits for the resumed run
-            finished = finished and not distributed.any_rank(stop.out_of_time(stop.longest_validation), run.device)
-            scores = validate(run, loaders.val, epoch, stop) if finished else None
+            finished = finished and not (checked and distributed.any_rank(stop.out_of_time(stop.longest_validation),
+                                                                          run.device))
+            scores = (validate(run, loaders.val, epoch, stop) if checked else NOT_VALIDATED) if finished else None
             if scores is None:  # stopped by a signal or the time limit mid-epoch
                 write_epoch_files(run, progress)
                 return stop_run(stop, progress, run, steps_per_epoch)

@@ -29,7 +29,7 @@ import time
 
 import train
 from config import Config, read_config_file, time_limit_seconds
-from errors import UserError, run_cli
+from errors import UserError, check_folder_path, run_cli
 from plots import markdown_table, pyplot, save_figure
 
 # ---------------------------------------------------------------- the search spaces
@@ -338,6 +338,11 @@ def epoch_acc(row: dict) -> float:
     return max(float(row["val_acc"]), ema) if ema == ema else float(row["val_acc"])
 
 
+def validated(rows: list[dict]) -> list[dict]:
+    """The rows of the epochs that were validated: train.py --val-every leaves the others' val_acc empty."""
+    return [r for r in rows if r.get("val_acc")]
+
+
 @dataclasses.dataclass
 class Outcome:
     """How one train.py run ended: complete, pruned, budget (stopped by --budget), failed."""
@@ -360,19 +365,21 @@ def standard_error(acc: float, n_val: int) -> float:
 
 def watch(proc, run_dir, trial, args) -> bool:
     """Poll history.csv while train.py runs, report each new epoch to the trial; True when the pruner stopped it."""
-    history, reported = os.path.join(run_dir, "history.csv"), 0
+    history, read = os.path.join(run_dir, "history.csv"), 0
     while True:
         done = proc.poll() is not None
-        for row in read_history(history)[reported:]:
-            reported += 1
+        rows = read_history(history)
+        for row in validated(rows[read:]):
             if trial is None:
                 continue
-            trial.report(epoch_acc(row), reported)
-            below = args.prune_below and reported >= args.prune_warmup and epoch_acc(row) < args.prune_below
-            if not done and reported < args.epochs_per_trial and (below or trial.should_prune()):
+            epoch = int(row["epoch"])
+            trial.report(epoch_acc(row), epoch)
+            below = args.prune_below and epoch >= args.prune_warmup and epoch_acc(row) < args.prune_below
+            if not done and epoch < args.epochs_per_trial and (below or trial.should_prune()):
                 proc.send_signal(signal.SIGTERM)  # train.py stops after its current step and saves last.pt
                 proc.wait()
                 return True
+        read = len(rows)
         if done:
             return False
         time.sleep(POLL_SECONDS)
@@ -401,7 +408,8 @@ def run_training(search: Search, command: list[str], run_dir: str, trial=None) -
     sizes = re.search(r"(\d+) train / (\d+) val images", text)
     state = "pruned" if pruned else {0: "complete", train.TIME_LIMIT_EXIT: "budget"}.get(proc.returncode, "failed")
     error = [line for line in text.splitlines() if line.strip()][-1:] if state == "failed" else []
-    return Outcome(state, max(map(epoch_acc, rows), default=float("nan")), len(rows), time.monotonic() - start,
+    return Outcome(state, max(map(epoch_acc, validated(rows)), default=float("nan")), len(rows),
+                   time.monotonic() - start,
                    int(sizes.group(2)) if sizes else 0, error[0].strip() if error else "")
 
 
@@ -724,7 +732,7 @@ def plot_top_curves(search: Search, ranked: list[dict], path: str) -> None:
         runs = sorted(name for name in (os.listdir(trials_dir) if os.path.isdir(trials_dir) else [])
                       if name.split("-")[0] == f"{entry['trial']:04d}" and not name.endswith(".log"))
         for run in runs:
-            rows = read_history(os.path.join(search.study_dir, "trials", run, "history.csv"))
+            rows = validated(read_history(os.path.join(search.study_dir, "trials", run, "history.csv")))
             ax.plot([int(r["epoch"]) for r in rows], [epoch_acc(r) for r in rows], "--" if "seed" in run else "-",
                     color=f"C{i}", marker=".", label=f"trial {entry['trial']}" if "seed" not in run else None)
     ax.set(xlabel="epoch", ylabel="val accuracy (the better of raw and EMA)", title="the top configurations")
@@ -818,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     check_train_args(train_args, space)
     cfg = fixed_config(args, train_args)
     study_dir = os.path.join(args.output_dir, args.name)
+    check_folder_path(study_dir, "study folder")
     os.makedirs(study_dir, exist_ok=True)
     study, storage = open_study(args, study_dir)
     earlier = earlier_trial_seconds(study)

@@ -27,12 +27,14 @@ import time
 import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name: (command that writes the dataset, epochs of every compared run, tune.py budget, epochs per search trial)
+# name: (command that writes the dataset, epochs of every compared run, tune.py budget, epochs per search trial,
+# flags of every train.py run there: the digits' val set is larger than their train set, so validating every epoch
+# would take a third of the time)
 DATASETS = {
     "fashion-mnist": (["scripts/fashion_mnist.py", "--size", "32", "--train-per-class", "300",
-                       "--val-per-class", "100"], 10, "20m", 3),
+                       "--val-per-class", "100"], 10, "20m", 3, []),
     "digits": (["scripts/digits.py", "--size", "32", "--train-per-class", "20", "--test-size", "800"], 60, "20m",
-               20),
+               20, ["--val-every", "5"]),
 }
 MODEL = ["--arch", "resnet18", "--weights", "none", "--img-size", "32", "--eval-crop-ratio", "1",
          "--batch-size", "64"]
@@ -84,12 +86,12 @@ def ours(data, out, name, flags):
     return scored(data, out, name, train_cmd, predict_cmd)
 
 
-def search(data, out, budget, trial_epochs, epochs):
+def search(data, out, budget, trial_epochs, epochs, model):
     config = os.path.join(out, "search", "best_config.json")
     if not os.path.exists(config):
         length = ["--trials", budget] if budget.isdigit() else ["--budget", budget]
         run(["tune.py", "--data-dir", data, *length, "--space", "wide", "--epochs-per-trial", str(trial_epochs),
-             "--final-epochs", str(epochs), "--name", "search", "--output-dir", out, "--", *MODEL],
+             "--final-epochs", str(epochs), "--name", "search", "--output-dir", out, "--", *model],
             os.path.join(out, "search.log"))
     trials = pd.read_csv(os.path.join(out, "search", "trials.csv"))
     searched = trials[trials["role"] == "search"]
@@ -112,6 +114,15 @@ def fitting_epochs(out, config, wall):
     return max(1, int(wall * runs["epochs"].sum() / runs["seconds"].sum()))
 
 
+def refit_epochs(guess, first, wall, most):
+    """The epochs that fit in `wall` seconds, from the first run of `guess` epochs: fewer when the time limit cut it
+    short (its cosine schedule unfinished), more (up to `most`) when it ended early; its start-up counts once per
+    epoch here, so that errs on the short side."""
+    if first["epochs"] < guess:
+        return max(1, first["epochs"] - 1)
+    return min(most, max(guess, int(guess * wall / first["train_seconds"])))
+
+
 def same_settings(root, settings):
     """Runs are reused by name: refuse a folder whose runs were made with other settings."""
     path = os.path.join(root, "settings.json")
@@ -127,10 +138,11 @@ def same_settings(root, settings):
 
 def one_dataset(name, args):
     """The three recipes on one dataset, each trained for the plain script's wall time: the runs, the search."""
-    make, epochs, budget, trial_epochs = DATASETS[name]
+    make, epochs, budget, trial_epochs, extra = DATASETS[name]
     epochs, budget, trial_epochs = args.epochs or epochs, args.search or budget, args.trial_epochs or trial_epochs
-    seeds, root = args.seeds, os.path.join(args.out, name)
-    same_settings(root, {"epochs": epochs, "search": budget, "trial_epochs": trial_epochs, "seeds": seeds})
+    seeds, root, model = args.seeds, os.path.join(args.out, name), [*MODEL, *extra]
+    same_settings(root, {"epochs": epochs, "search": budget, "trial_epochs": trial_epochs, "seeds": seeds,
+                         **({"flags": extra} if extra else {})})
     data, out = os.path.join(root, "data"), os.path.join(root, "runs")
     os.makedirs(out, exist_ok=True)
     if not os.path.isdir(os.path.join(data, "train")):
@@ -141,16 +153,16 @@ def one_dataset(name, args):
     wall = round(sum(r["train_seconds"] for r in rows) / len(rows))  # every recipe trains this long at most
     limit = ["--time-limit", f"{wall}s", "--seed"]
     for seed in seeds:
-        flags = [*MODEL, "--epochs", str(epochs), *limit, str(seed)]
+        flags = [*model, "--epochs", str(epochs), *limit, str(seed)]
         rows.append({"recipe": "defaults", "seed": seed, **ours(data, out, f"defaults-{seed}", flags)})
-    config, info = search(data, out, budget, trial_epochs, epochs)
+    config, info = search(data, out, budget, trial_epochs, epochs, model)
     fitting = min(epochs, fitting_epochs(out, config, wall))
     searched = {}
     for seed in seeds:
         flags = ["--config", config, "--epochs", str(fitting), *limit, str(seed)]
         searched[seed] = ours(data, out, f"searched-e{fitting}-{seed}", flags)
         if seed == seeds[0]:  # the first run times the recipe itself: the epochs that really fit, for every seed
-            fitting = min(epochs, max(fitting, int(fitting * wall / searched[seed]["train_seconds"])))
+            fitting = refit_epochs(fitting, searched[seed], wall, epochs)
             if fitting != searched[seed]["epochs"]:
                 searched[seed] = ours(data, out, f"searched-e{fitting}-{seed}", [*flags[:3], str(fitting), *flags[4:]])
     rows += [{"recipe": "searched", "seed": seed, **result} for seed, result in searched.items()]

@@ -12,7 +12,8 @@ from PIL import Image
 
 import inference
 import train
-from conftest import SAMPLE, TINY, error_line, run_main
+import tune
+from conftest import SAMPLE, TINY, error_line, one_line_error, run_main
 from dataset import BadImage, load_rgb
 from errors import UserError, run_cli
 from model import build_model
@@ -147,6 +148,26 @@ def test_empty_or_missing_folders_are_one_line_errors(hostile, hostile_run, tmp_
     message = error_line(code, err)
     assert "class folders the checkpoint does not know (5 classes: 5, 6, 7, 8, 9)" in message
     assert "trained on 5 classes: 0, 1, 2, 3, 4" in message
+
+
+def test_output_paths_that_cannot_be_written_are_one_line_errors(hostile, hostile_run, tmp_path, capsys):
+    (tmp_path / "a file").write_text("x")
+    blocked = tmp_path / "a file" / "runs"
+    code, _, err = run_main(train.main, ["--data-dir", hostile, "--output-dir", blocked, "--run-name", "r", *TINY],
+                            capsys)
+    assert one_line_error(code, err) == (f"error: run folder {blocked / 'r'}: {tmp_path / 'a file'} is a file, not "
+                                         "a folder")
+    assert not (tmp_path / "r").exists()
+    checkpoint = hostile_run[0] / "best.pt"
+    for output, message in [(tmp_path, f"error: --output {tmp_path} is a folder: give a file name"),
+                            (blocked / "p.csv", f"error: --output {blocked}: {tmp_path / 'a file'} is a file, not "
+                                                "a folder")]:
+        code, _, err = run_main(inference.main, ["--checkpoint", checkpoint, "--data-dir", hostile, "--output",
+                                                 output], capsys)
+        assert one_line_error(code, err) == message
+    code, _, err = run_main(tune.main, ["--data-dir", hostile, "--output-dir", blocked, "--trials", 1], capsys)
+    assert one_line_error(code, err) == (f"error: study folder {blocked / 'tune'}: {tmp_path / 'a file'} is a file, "
+                                         "not a folder")
 
 
 def test_an_image_over_the_decompression_bomb_limit_is_named(tmp_path, monkeypatch):

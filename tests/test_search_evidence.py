@@ -66,13 +66,22 @@ def test_search_evidence_runs_scores_and_resumes(tmp_path):
                for run in numbers["runs"])
     assert numbers["wall_seconds"] > 0  # the plain script's: the time every recipe gets
     assert numbers["search_trials"] == 1  # tune.py's first trial is train.py's defaults: only the model flags differ
-    assert numbers["winner"] == {"arch": "resnet18", "weights": "none", "img_size": 32, "eval_crop_ratio": 1.0}
+    assert numbers["winner"] == {"arch": "resnet18", "weights": "none", "img_size": 32, "eval_crop_ratio": 1.0,
+                                 "val_every": 5}  # the digits' flag reaches the search and its winner
 
     again = script("search_evidence.py", *args, timeout=120)  # every run is reused: no training, same table
     assert again.returncode == 0 and (tmp_path / "summary.md").read_text() == summary
     assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]  # no command was run
     other = script("search_evidence.py", *args[:4], "--epochs", 9, *args[6:])
     assert other.returncode != 0 and "give another --out" in other.stderr
+
+
+def test_the_searched_recipe_gets_the_epochs_its_first_run_fits():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from search_evidence import refit_epochs
+    assert refit_epochs(40, {"epochs": 33, "train_seconds": 91.5}, 91, 60) == 32  # the time limit cut it at 33
+    assert refit_epochs(40, {"epochs": 40, "train_seconds": 70}, 91, 60) == 52  # it ended early: more fit
+    assert refit_epochs(40, {"epochs": 40, "train_seconds": 50}, 91, 60) == 60  # never more than the plain script's
 
 
 def test_script_mistakes_are_one_line_errors(tmp_path):

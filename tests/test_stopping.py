@@ -1,6 +1,7 @@
 """Ending a run before --epochs (--patience with --min-delta, --time-limit) and gradient clipping (--clip-grad)."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -64,12 +65,35 @@ def test_patience_ends_the_run_with_best_and_a_resumable_last(small, tmp_path, c
     assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3]
 
 
+def test_val_every_validates_every_nth_epoch_and_patience_counts_epochs(small, tmp_path, capsys):
+    # validated after epochs 2, 4, 6: no epoch beats epoch 2 by 0.99, and at epoch 6 that is 4 epochs >= patience 3
+    argv = ["--data-dir", small, "--output-dir", tmp_path, "--run-name", "v", *SMALL, "--epochs", 8,
+            "--val-every", 2, "--patience", 3, "--min-delta", 0.99]
+    code, out, err = run_main(train.main, argv, capsys)
+    assert code == 0, err
+    history = pd.read_csv(tmp_path / "v" / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4, 5, 6] and "for 4 epochs (--patience 3)" in out
+    assert list(history["val_acc"].notna()) == [False, True] * 3 and history["train_loss"].notna().all()
+    best = torch.load(tmp_path / "v" / "best.pt", weights_only=True)["epoch"]
+    assert best == history["epoch"][history["val_acc"].idxmax()] and best in (2, 4, 6)
+    assert (tmp_path / "v" / "curves.png").is_file()
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [" val loss " in line for line in lines] == [False, True] * 3
+    # the last epoch is always validated, and so is the one a stop ends the run on
+    assert train.validation_due(Config(epochs=5, val_every=2), 4, GracefulStop(), torch.device("cpu"))
+    stop = GracefulStop()
+    assert not train.validation_due(Config(epochs=5, val_every=2), 2, stop, torch.device("cpu"))
+    stop.handle(signal.SIGTERM, None)
+    assert train.validation_due(Config(epochs=5, val_every=2), 2, stop, torch.device("cpu"))
+
+
 def test_min_delta_without_patience_is_said_and_bad_limits_refused(small, tmp_path, capsys):
     base = ["--data-dir", small, "--output-dir", tmp_path, *SMALL, "--max-params", 1]
     code, out, err = run_main(train.main, [*base, "--min-delta", 0.01], capsys)
     assert "warning: --min-delta has no effect in this run: there is no --patience N" in out
     for argv, message in [(["--time-limit", "soon"], "--time-limit 'soon': give a duration such as 90m"),
                           (["--clip-grad", -1], "--clip-grad and --patience cannot be negative"),
+                          (["--val-every", 0], "--val-every 0: give a number of epochs >= 1"),
                           (["--time-limit", "1h", "--folds", 2, "--all-folds"], "train each fold as its own run")]:
         assert message in one_line_error(*run_main(train.main, [*base, *argv], capsys)[::2])
 

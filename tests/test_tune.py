@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import optuna
+import pandas as pd
 import pytest
 
 import tune
@@ -93,6 +94,21 @@ def test_a_pruned_trial_is_stopped_by_sigterm(data, tmp_path):
     run_dir = tmp_path / "tune" / "trials" / "0000"
     assert (run_dir / "last.pt").is_file()
     assert "SIGTERM: stopped at epoch" in (tmp_path / "tune" / "trials" / "0000.log").read_text()
+
+
+def test_trials_with_val_every_report_their_validated_epochs(data, tmp_path):
+    """-- --val-every 2 reaches every trial: the pruner sees epochs 2, 4, ... only, so the trial is pruned at
+    epoch 2, the first that has a val accuracy."""
+    code = run_script("tune.py", *tune_args(data, tmp_path, "--trials", 1, "--prune-below", 1.01, "--prune-warmup",
+                                            1, "--confirm-seeds", 0)[:-len(FIXED)],
+                      "--epochs-per-trial", 30, *FIXED, "--val-every", 2, check=False)
+    assert code.returncode == 2, code.stdout + code.stderr
+    (trial,) = search_trials(tmp_path / "tune")
+    assert trial.state == optuna.trial.TrialState.PRUNED and list(trial.intermediate_values) == [2]
+    history = pd.read_csv(tmp_path / "tune" / "trials" / "0000" / "history.csv")
+    assert list(history["val_acc"].notna())[:2] == [False, True]
+    assert trial.intermediate_values[2] == max(history["val_acc"][1], history["val_acc_ema"][1])
+    assert trial.user_attrs["epochs"] == len(history)
 
 
 def test_ctrl_c_stops_the_trial_and_keeps_the_study(data, tmp_path):
