@@ -485,6 +485,16 @@ def validation_due(cfg, epoch, stop, device):
                                                                                                device)
 
 
+def epoch_scores(run, loader, epoch, stop):
+    """The val scores of an epoch whose training finished: NOT_VALIDATED when --val-every skips it, None when the
+    run stops first (a validation pass that would end past --time-limit waits for the resumed run)."""
+    if not validation_due(run.cfg, epoch, stop, run.device):
+        return NOT_VALIDATED
+    if distributed.any_rank(stop.out_of_time(stop.longest_validation), run.device):
+        return None
+    return validate(run, loader, epoch, stop)
+
+
 def validate(run: Run, loader, epoch: int, stop: GracefulStop):
     """The raw weights, and the EMA's from --ema-start-epoch on, on val: {"raw": scores, "ema": scores or None,
     "seconds": the time it took}, or None when a signal stopped it."""
@@ -778,11 +788,7 @@ def fit(run: Run, loaders, progress: Progress, started: float) -> int:
                 progress.start_epoch(reported_lr(run.optimizer))
             loaders.sampler.start_epoch(epoch, progress.done)
             finished = train_one_epoch(run, loaders.train, epoch, progress, stop)
-            checked = finished and validation_due(cfg, epoch, stop, run.device)
-            # a validation pass that would end past --time-limit waits for the resumed run
-            finished = finished and not (checked and distributed.any_rank(stop.out_of_time(stop.longest_validation),
-                                                                          run.device))
-            scores = (validate(run, loaders.val, epoch, stop) if checked else NOT_VALIDATED) if finished else None
+            scores = epoch_scores(run, loaders.val, epoch, stop) if finished else None
             if scores is None:  # stopped by a signal or the time limit mid-epoch
                 write_epoch_files(run, progress)
                 return stop_run(stop, progress, run, steps_per_epoch)
