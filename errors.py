@@ -1,4 +1,5 @@
-"""The user's mistakes as one line, never a traceback: UserError and the wrapper every script's main runs in."""
+"""The user's mistakes as one line, never a traceback: UserError, the wrapper every script's main runs in, and the
+check of an output folder before any work."""
 from __future__ import annotations
 
 import os

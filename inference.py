@@ -111,10 +111,11 @@ def parse_args(argv=None):
 def check_outputs(args):
     """The files and folders to write, checked before the model runs: a wrong path fails at once, in one line."""
     for flag, path in [("--output", args.output), ("--export", args.export)]:
-        if path and os.path.isdir(path):
+        if not path:
+            continue
+        if os.path.isdir(path):
             raise UserError(f"{flag} {path} is a folder: give a file name")
-        if path:
-            check_folder_path(os.path.dirname(os.path.abspath(path)), flag)
+        check_folder_path(os.path.dirname(os.path.abspath(path)), flag)
     if args.report:
         check_folder_path(args.report, "--report")
 
