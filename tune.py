@@ -70,6 +70,9 @@ SPACES = {
 # a setting outside the space's range is drawn instead
 PLAIN = {"lr": 1e-3, "weight_decay": 0.05, "augment": "light", "rrc_scale_low": 0.6, "label_smoothing": 0.0,
          "loss": "ce", "head": "linear", "ema": False, "mixup": 0.0, "cutmix": 0.0, "hflip": 0.5}
+# the same without the mirror: the one photo assumption that is wrong for whole kinds of data (letters, digits, maps,
+# charts, left/right in medical images), too costly to leave to the sampler's luck in a short search
+PLAIN_NO_FLIP = {**PLAIN, "hflip": 0.0}
 SPECIAL = {"augment": ["seed", "light", "ta_wide", "rand-m9", "augmix", "imagenet"], "rrc_scale_low": None}
 # set by tune.py for every trial, or meaningless in a search
 RESERVED = {"data_dir", "output_dir", "run_name", "epochs", "seed", "time_limit", "all_folds", "rrc_scale", "aug",
@@ -117,11 +120,12 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     p.add_argument("--prune-below", type=float, default=0.0, help="also prune a trial (after --prune-warmup epochs) "
                    "whose val accuracy is below this, e.g. chance level (default: %(default)s = off)")
-    p.add_argument("--first-trials", nargs="+", choices=["defaults", "plain", "none"], default=["defaults", "plain"],
+    p.add_argument("--first-trials", nargs="+", choices=["defaults", "plain", "plain-no-flip", "none"],
+                   default=["defaults", "plain", "plain-no-flip"],
                    help="known recipes a new study tries before it samples: defaults = train.py's, plain = a "
-                   "from-scratch recipe (light augmentation, crops of 60-100%%, linear head, CE, LR 1e-3, weight "
-                   "decay 0.05, no EMA or mixing); each setting outside the space is drawn instead "
-                   "(default: %(default)s)")
+                   "from-scratch recipe (light augmentation, crops of 60-100%%, flip, linear head, CE, LR 1e-3, weight "
+                   "decay 0.05, no EMA or mixing), plain-no-flip = the same without the flip (tried only where the "
+                   "space varies hflip); each setting outside the space is drawn instead (default: %(default)s)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every trial's last.pt and best.pt (by "
                    "default they are deleted when the trial ends: the report needs the trials' histories only, and "
                    "best_config.json trains the final model anew)")
@@ -489,15 +493,16 @@ def in_space(spec, value) -> bool:
 
 
 def first_points(search: Search) -> list[dict]:
-    """--first-trials as settings of the space: train.py's defaults and the plain recipe, each setting the space
-    holds (the others are drawn)."""
+    """--first-trials as settings of the space: train.py's defaults and the plain recipe with and without the flip,
+    each setting the space holds (the others are drawn); a recipe the space cannot tell from an earlier one is left
+    out."""
     cfg, points = search.cfg, []
     defaults = {name: getattr(cfg, name) for name in search.space if hasattr(cfg, name)}
     defaults.update(augment=cfg.auto_augment if cfg.aug == "policy" else cfg.aug, rrc_scale_low=cfg.rrc_scale[0])
     for name in search.args.first_trials:
-        recipe = {"defaults": defaults, "plain": PLAIN}.get(name, {})
+        recipe = {"defaults": defaults, "plain": PLAIN, "plain-no-flip": PLAIN_NO_FLIP}.get(name, {})
         point = {k: v for k, v in recipe.items() if k in search.space and in_space(search.space[k], v)}
-        if point:
+        if point and point not in points:
             points.append(point)
     return points
 
@@ -809,7 +814,8 @@ def check_args(args) -> float | None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if "none" in args.first_trials and len(args.first_trials) > 1:
-        raise UserError("--first-trials none: give it alone (no known recipe first), or defaults and/or plain")
+        raise UserError("--first-trials none: give it alone (no known recipe first), or any of defaults, plain, "
+                        "plain-no-flip")
     if args.prune_warmup is None:
         args.prune_warmup = max(1, args.epochs_per_trial // 3)
     if min(args.confirm_top, args.confirm_seeds + 1, args.prune_startup + 1, args.prune_warmup + 1) < 1:

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from fashion_mnist import check_out, hidden_name, run_cli, write_images
+from fashion_mnist import add_writing_args, check_out, hidden_name, run_cli, write_images, write_label_files
 
 
 def parse_args(argv=None):
@@ -28,9 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--train-per-class", type=int, default=0, help="keep this many training images per digit "
                    "(default: 0 = all the rest, about 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="processes used to encode images (default: %(default)s)")
+    add_writing_args(p)
     args = p.parse_args(argv)
     if args.size < 8:
         p.error("--size must be at least 8 (the digits are 8x8)")
@@ -72,10 +70,7 @@ def main(argv=None):
         rows.append((name, int(labels[i])))
         jobs.append((images[i], os.path.join(args.out, "test", f"{name}.jpg"), args.size, "jpg"))
     write_images(jobs, args.workers)
-    with open(os.path.join(args.out, "test_labels.csv"), "w") as f:
-        f.write("image_name,label\n" + "".join(f"{n},{c}\n" for n, c in sorted(rows)))
-    with open(os.path.join(args.out, "classes.csv"), "w") as f:
-        f.write("folder,name\n" + "".join(f"{c},{c}\n" for c in range(10)))
+    write_label_files(args.out, rows, ((c, c) for c in range(10)))
     print(f"wrote {len(train)} train, {len(val)} val, {len(test)} test images ({args.size}px jpg) to {args.out}")
 
 

@@ -153,6 +153,21 @@ def write_images(jobs, workers):
             pass
 
 
+def add_writing_args(p, overwrite_help="write into a non-empty --out"):
+    """--overwrite and --workers, shared by the scripts that write a dataset in the homework layout."""
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="processes used to encode images (default: %(default)s)")
+
+
+def write_label_files(out, rows, classes):
+    """test_labels.csv (image_name,label of the flat test/ folder) and classes.csv (folder,name)."""
+    with open(os.path.join(out, "test_labels.csv"), "w") as f:
+        f.write("image_name,label\n" + "".join(f"{name},{label}\n" for name, label in sorted(rows)))
+    with open(os.path.join(out, "classes.csv"), "w") as f:
+        f.write("folder,name\n" + "".join(f"{folder},{name}\n" for folder, name in classes))
+
+
 def check_out(out, overwrite):
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"{out} exists and is not a directory")
@@ -191,10 +206,7 @@ def parse_args(argv=None):
     p.add_argument("--test-count", type=int, default=None, help="cap test images (stratified)")
     p.add_argument("--sample", action="store_true",
                    help="small sample: 30 train + 10 val per class, 50 test images")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace train/ val/ test/ and the csv files in a non-empty --out")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="processes used to encode images (default: %(default)s)")
+    add_writing_args(p, "replace train/ val/ test/ and the csv files in a non-empty --out")
     args = p.parse_args(argv)
     if args.sample:
         for key, value in SAMPLE.items():
@@ -242,14 +254,7 @@ def main(argv=None):
 
     write_images(jobs, args.workers)
 
-    with open(os.path.join(args.out, "test_labels.csv"), "w") as f:
-        f.write("image_name,label\n")
-        for name, label in sorted(rows):
-            f.write(f"{name},{label}\n")
-    with open(os.path.join(args.out, "classes.csv"), "w") as f:
-        f.write("folder,name\n")
-        for c, name in enumerate(CLASS_NAMES):
-            f.write(f"{c},{name}\n")
+    write_label_files(args.out, rows, enumerate(CLASS_NAMES))
 
     print(f"wrote {len(train_idx)} train, {len(val_idx)} val, {len(test_idx)} test images "
           f"({args.size}px {ext}) to {args.out}")

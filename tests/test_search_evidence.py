@@ -1,5 +1,6 @@
-"""The recipe-search evidence: scripts/digits.py (a second offline dataset), scripts/plain_baseline.py (the plain
-script it is compared with) and scripts/search_evidence.py (the three recipes, run, scored and tabulated)."""
+"""The recipe-search evidence: scripts/digits.py and scripts/glyphs.py (offline datasets), scripts/plain_baseline.py
+(the plain script they are compared with) and scripts/search_evidence.py (the three recipes, run, scored and
+tabulated)."""
 import json
 import os
 import subprocess
@@ -37,6 +38,52 @@ def test_digits_layout(tmp_path):
     assert again.returncode == 2 and again.stderr.startswith("error:") and "--overwrite" in again.stderr
     bad = script("digits.py", "--out", tmp_path / "x", "--test-size", 1700)
     assert bad.returncode == 2 and "leave at least 100 training images" in bad.stderr
+
+
+def mpl_fonts():
+    import matplotlib
+    return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
+
+
+def test_glyphs_layout_and_typeface_split(tmp_path):
+    out = tmp_path / "glyphs"  # matplotlib's own fonts: present wherever the tests run
+    r = script("glyphs.py", "--out", out, "--fonts", mpl_fonts(), "--size", 16, "--train-per-class", 2,
+               "--val-per-class", 1, "--test-per-class", 2)
+    assert r.returncode == 0, r.stderr
+    classes = pd.read_csv(out / "classes.csv", dtype=str)
+    assert len(classes) == 52 and classes.name.tolist()[:2] == ["A", "B"] and classes.name.tolist()[26] == "a"
+    assert sorted(os.listdir(out / "train")) == sorted(classes.folder)  # cap-A ... small-z
+    assert all(len(os.listdir(out / "train" / c)) == 2 and len(os.listdir(out / "val" / c)) == 1
+               for c in classes.folder)
+    labels = pd.read_csv(out / "test_labels.csv", dtype=str)
+    assert sorted(labels.image_name + ".jpg") == sorted(os.listdir(out / "test"))
+    assert (labels.label.value_counts() == 2).all() and set(labels.label) == set(classes.folder)
+    fonts = pd.read_csv(out / "fonts.csv")
+    by_split = fonts.groupby("split").typeface.agg(set)
+    assert set(by_split.index) == {"train", "val", "test"}  # every split has typefaces, none shared
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["val"] & by_split["test"])
+    assert not any("STIXSiz" in f or "cmex" in f for f in fonts.file)  # symbol fonts are not letters
+    with Image.open(out / "test" / f"{labels.image_name[0]}.jpg") as im:
+        a = np.asarray(im)
+    assert im.size == (16, 16) and (a[..., 0] == a[..., 2]).all() and a.max() > 200 and a[0].max() < 60
+
+    again = script("glyphs.py", "--out", out, "--fonts", mpl_fonts())  # not empty, no --overwrite
+    assert again.returncode == 2 and again.stderr.startswith("error:") and "--overwrite" in again.stderr
+    (tmp_path / "no-fonts").mkdir()
+    none = script("glyphs.py", "--out", tmp_path / "x", "--fonts", tmp_path / "no-fonts")
+    assert none.returncode == 2 and "found 0 typeface(s)" in none.stderr and "Traceback" not in none.stderr
+
+
+def test_a_letter_keeps_its_size_on_the_baseline():
+    """A small c is drawn smaller than a capital C and on the same baseline: what crops that zoom in destroy."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import glyphs
+    font = os.path.join(mpl_fonts(), "DejaVuSans.ttf")
+    rng = np.random.default_rng(0)
+    rows = {c: np.flatnonzero(glyphs.render(c, font, 64, rng).max(axis=1) > 128) for c in "Cc"}
+    height = {c: rows[c][-1] - rows[c][0] for c in "Cc"}
+    assert height["c"] < 0.85 * height["C"]
+    assert abs(rows["c"][-1] - rows["C"][-1]) <= 4  # both end at the baseline, give or take the jitter
 
 
 def test_plain_baseline_predicts_every_test_image(tmp_path):

@@ -194,11 +194,13 @@ def first_points(*argv):
 
 
 def test_first_trials_are_the_known_recipes_inside_the_space(data, capsys):
-    defaults, plain = first_points("--space", "wide")
+    defaults, plain, no_flip = first_points("--space", "wide")
     assert defaults["lr"] == 5e-5 and defaults["augment"] == "seed" and defaults["rrc_scale_low"] == 0.08
     assert defaults["hflip"] == 0.5 and defaults["loss"] == "schedule" and defaults["ema"] is True
     assert plain == tune.PLAIN  # every plain setting lies inside the wide space
-    assert "lr" not in first_points("--space", "seed")[1] and first_points("--first-trials", "none") == []
+    assert no_flip == {**tune.PLAIN, "hflip": 0.0}
+    seed_space = first_points("--space", "seed")  # no hflip there: the mirror-free plain recipe is the plain one
+    assert len(seed_space) == 2 and "lr" not in seed_space[1] and first_points("--first-trials", "none") == []
     (only,) = first_points("--first-trials", "plain", "--space", "wide")
     assert only == tune.PLAIN
     code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", "1", "--first-trials", "none", "plain"], capsys)
