@@ -108,7 +108,8 @@ def typeface(path):
     linlibertine_rb are NotoSerif, FreeSerif and linlibertine; lmroman10 and lmroman12 are lmroman."""
     name = os.path.basename(path).split("-")[0].split("_")[0].split(".")[0].lower()
     name = re.sub(STYLES, "", name) or name
-    return re.sub(r"\d+$", "", name) if len(re.sub(r"\d+$", "", name)) >= 3 else name
+    stem = re.sub(r"\d+$", "", name)
+    return stem if len(stem) >= 3 else name  # c059 stays c059
 
 
 def split_typefaces(paths, args):
