@@ -72,6 +72,8 @@ def parse_args(argv=None):
 def font_files(folders):
     found = []
     for folder in folders:
+        if not os.path.isdir(folder):
+            raise UsageError(f"--fonts {folder}: no such folder")
         for root, _, names in os.walk(folder):
             found += [os.path.join(root, n) for n in names if n.lower().endswith((".ttf", ".otf"))]
     return sorted(set(found))
@@ -124,6 +126,9 @@ def split_typefaces(paths, args):
     order = np.random.default_rng(args.seed).permutation(len(names))
     n_test = max(1, round(args.test_share * len(names)))
     n_val = max(1, round(args.val_share * len(names)))
+    if n_test + n_val >= len(names):
+        raise UsageError(f"--test-share {args.test_share} and --val-share {args.val_share} leave none of the "
+                         f"{len(names)} typefaces for training: give smaller shares or more fonts")
     parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
     return {split: [families[names[i]] for i in sorted(idx)] for split, idx in parts.items()}
 

@@ -72,6 +72,11 @@ def test_glyphs_layout_and_typeface_split(tmp_path):
     (tmp_path / "no-fonts").mkdir()
     none = script("glyphs.py", "--out", tmp_path / "x", "--fonts", tmp_path / "no-fonts")
     assert none.returncode == 2 and "found 0 typeface(s)" in none.stderr and "Traceback" not in none.stderr
+    missing = script("glyphs.py", "--out", tmp_path / "x", "--fonts", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "--fonts" in missing.stderr and "no such folder" in missing.stderr
+    shares = script("glyphs.py", "--out", tmp_path / "x", "--fonts", mpl_fonts(), "--test-share", 0.49,
+                    "--val-share", 0.49)
+    assert shares.returncode == 2 and "none of the" in shares.stderr and "Traceback" not in shares.stderr
 
 
 def test_a_letter_keeps_its_size_on_the_baseline():
