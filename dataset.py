@@ -2,8 +2,9 @@
 
     python dataset.py --preview data/train --img-size 224 --erasing 0.5     # original vs augmented samples as a PNG
 
-Images leave the loader as uint8 tensors; converting to float, normalising and random erasing happen per batch on
-the training device (to_float_batch), which keeps the worker processes light and the host-to-GPU copy 4x smaller.
+Images leave the loader as uint8 tensors (channels_last batches from OpenCVAugment); converting to float,
+normalising and random erasing happen per batch on the training device (to_float_batch), which keeps the worker
+processes light and the host-to-GPU copy 4x smaller.
 """
 from __future__ import annotations
 
@@ -399,11 +400,19 @@ def collate_skipping_bad(batch: Sequence[tuple[torch.Tensor | None, int | str, s
     """Stack the good images; return the paths (or messages) of the bad ones beside them."""
     good = [b for b in batch if b[0] is not None]
     bad = [b[2] for b in batch if b[0] is None]
-    images = torch.stack([b[0] for b in good]) if good else torch.empty(0, dtype=torch.uint8)
+    images = stack_images([b[0] for b in good]) if good else torch.empty(0, dtype=torch.uint8)
     second = [b[1] for b in good]
     if second and isinstance(second[0], int):
         second = torch.tensor(second)
     return images, second, bad
+
+
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One uint8 batch. Images whose pixels lie channel-last in memory (OpenCVAugment's CHW views of HWC arrays) make
+    a channels_last batch: no transpose here, and to_float_batch normalises it in one pass over rows of pixels."""
+    if images[0].dim() == 3 and images[0].stride(0) == 1 and images[0].shape[0] > 1:
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return torch.stack(images)
 
 
 def loader_options(workers: int, device: torch.device) -> dict[str, Any]:
@@ -453,17 +462,28 @@ def to_float_batch(batch: torch.Tensor, device: torch.device, erasing: float = 0
                    norm: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> torch.Tensor:
     """uint8 NCHW on any device -> float on `device`, normalised with norm = (mean, std); training adds the batch
     augmentation and per-image random erasing (after normalisation, as the seed's RandomErasing)."""
-    x = batch.to(device, non_blocking=True).float()
+    x = batch.to(device, non_blocking=True).float()  # keeps the batch's memory format
     mean = torch.tensor(norm[0], device=device).view(1, 3, 1, 1)
     std = torch.tensor(norm[1], device=device).view(1, 3, 1, 1)
     if augment is not None:
         x = augment(x.div_(255)).sub_(mean).div_(std)
     else:  # (x / 255 - mean) / std as one scale and one shift: two passes over the batch instead of three
-        x = x.mul_(1 / (255 * std)).sub_(mean / std)
+        x = scale_channels_(x, 1 / (255 * std), -mean / std)
     if erasing > 0:
         x = random_erasing(x, erasing)
-    # last: on the CPU, per-channel arithmetic and uint8 transposes are several times slower in channels_last
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def scale_channels_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift per channel, in place. A channels_last batch is seen as its image rows (W*C values, with
+    the factors tiled along them): on the CPU a per-channel broadcast over an innermost dimension of C is several
+    times slower than this long inner loop."""
+    n, channels, height, width = x.shape
+    if channels > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        rows = x.permute(0, 2, 3, 1).view(n * height, width * channels)
+        rows.mul_(scale.flatten().repeat(width)).add_(shift.flatten().repeat(width))
+        return x
+    return x.mul_(scale).add_(shift)
 
 
 def build_train_val(cfg: Config) -> tuple[LabelledImages, LabelledImages, list[str]]:

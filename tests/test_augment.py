@@ -18,7 +18,7 @@ from augment import (BatchAugment, adjust_brightness, adjust_contrast, adjust_hu
                      erasing_boxes, gaussian_blur, luma, torchvision_geometry, train_transform)
 from config import Config
 from conftest import SAMPLE
-from dataset import IMAGENET_MEAN, IMAGENET_STD, to_float_batch
+from dataset import IMAGENET_MEAN, IMAGENET_STD, collate_skipping_bad, to_float_batch
 
 
 def per_image(fn, x, factors):
@@ -200,6 +200,27 @@ def test_train_transform_gives_uint8_crops_and_batches_normalise():
     x = to_float_batch(batch, torch.device("cpu"))
     expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
     assert x[0, :, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loader_batches_are_channels_last_and_normalise_as_contiguous_ones():
+    cfg = Config(img_size=32)
+    transform = train_transform(cfg)
+    rng = np.random.default_rng(0)
+    images = [transform(Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))) for _ in range(3)]
+    batch, targets, bad = collate_skipping_bad([(image, i, f"{i}.jpg") for i, image in enumerate(images)])
+    assert batch.is_contiguous(memory_format=torch.channels_last) and targets.tolist() == [0, 1, 2] and bad == []
+    plain = torch.stack([image.contiguous() for image in images])
+    assert plain.is_contiguous() and torch.equal(batch, plain)
+    for channels_last in (True, False):
+        for erasing in (0.0, 0.7):
+            torch.manual_seed(1)
+            ours = to_float_batch(batch, torch.device("cpu"), erasing, channels_last=channels_last)
+            torch.manual_seed(1)
+            theirs = to_float_batch(plain, torch.device("cpu"), erasing, channels_last=channels_last)
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+            assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(to_float_batch(batch, torch.device("cpu")), (plain / 255 - mean) / std, atol=1e-5, rtol=0)
 
 
 def test_random_erasing_draws_per_image():
