@@ -111,10 +111,16 @@ def test_trials_with_val_every_report_their_validated_epochs(data, tmp_path):
     assert trial.user_attrs["epochs"] == len(history)
 
 
-def test_ctrl_c_stops_the_trial_and_keeps_the_study(data, tmp_path):
+def ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell gives a command it starts in the background
+
+
+@pytest.mark.parametrize("start", ["foreground", "background"])
+def test_ctrl_c_stops_the_trial_and_keeps_the_study(start, data, tmp_path):
     command = [sys.executable, os.path.join(ROOT, "tune.py"),
                *map(str, tune_args(data, tmp_path, "--trials", 1, "--epochs-per-trial", 30)[:-len(FIXED)]), *FIXED]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_sigint if start == "background" else None)
     wait_for(tmp_path / "tune" / "trials" / "0000" / "history.csv", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
