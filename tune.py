@@ -375,19 +375,19 @@ class CtrlC:
     train.py, this also takes SIGINT back where a background start left it ignored."""
 
     def __init__(self):
-        self.pressed, self.old = False, None
+        self.pressed, self.old = False, {}
 
     def handle(self, signum, frame):
         self.pressed = True
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.old = signal.signal(signal.SIGINT, self.handle)
+            self.old = {signal.SIGINT: signal.signal(signal.SIGINT, self.handle)}
         return self
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+        for signum, handler in self.old.items():
+            signal.signal(signum, handler)
         return False
 
 
