@@ -276,8 +276,8 @@ class EpochWrites:
 # ---------------------------------------------------------------- signals
 
 class GracefulStop:
-    """While active, SIGINT and SIGTERM ask the training loop to stop after its current step; a second SIGINT
-    (Ctrl-C twice) stops at once. The handler only records the signal: printing from it could collide with tqdm.
+    """While active, SIGINT and SIGTERM (or the given signals) ask the training loop to stop after its current step;
+    a second SIGINT (Ctrl-C twice) stops at once. The handler only records the signal: printing from it could collide with tqdm.
 
     With a time limit (seconds after `started`, a time.monotonic() reading) the loop is asked to stop as well at the
     last step boundary before the limit: when the next piece of work (the longest training step so far, or the
@@ -286,8 +286,8 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, time_limit: float = 0.0, started: float | None = None):
-        self.signum, self.old = None, {}
+    def __init__(self, time_limit: float = 0.0, started: float | None = None, signals=SIGNALS):
+        self.signum, self.old, self.signals = None, {}, signals
         start = time.monotonic() if started is None else started
         self.deadline = start + time_limit if time_limit else None
         self.longest_step, self.longest_validation, self.timed_out = 0.0, 0.0, False
@@ -326,7 +326,7 @@ class GracefulStop:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.old = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+            self.old = {s: signal.signal(s, self.handle) for s in self.signals}
         return self
 
     def __exit__(self, *exc):

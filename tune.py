@@ -25,13 +25,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import train
 from config import Config, read_config_file, time_limit_seconds
 from errors import UserError, check_folder_path, run_cli
 from plots import markdown_table, pyplot, save_figure
+from resume import GracefulStop
 
 # ---------------------------------------------------------------- the search spaces
 # One entry per setting, keyed by train.py's setting name (its flag without --):
@@ -368,34 +368,16 @@ def standard_error(acc: float, n_val: int) -> float:
     return math.sqrt(acc * (1 - acc) / n_val) if n_val and acc == acc else float("nan")
 
 
-class CtrlC:
-    """While a trial's train.py runs, Ctrl-C (SIGINT) only sets a flag, which watch() turns into a KeyboardInterrupt
-    at its next poll. Python's own handler raises it at whatever line is running, and a KeyboardInterrupt that lands
-    in a finaliser (a database connection's, say) is printed and dropped there: the search would go on. Like
-    train.py, this also takes SIGINT back where a background start left it ignored."""
-
-    def __init__(self):
-        self.pressed, self.old = False, {}
-
-    def handle(self, signum, frame):
-        self.pressed = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.old = {signal.SIGINT: signal.signal(signal.SIGINT, self.handle)}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.old.items():
-            signal.signal(signum, handler)
-        return False
-
-
 def watch(proc, run_dir, trial, args, ctrl_c) -> bool:
-    """Poll history.csv while train.py runs, report each new epoch to the trial; True when the pruner stopped it."""
+    """Poll history.csv while train.py runs, report each new epoch to the trial; True when the pruner stopped it.
+
+    Ctrl-C meanwhile only sets ctrl_c's flag (a GracefulStop on SIGINT), turned into a KeyboardInterrupt here: Python's
+    own handler raises it at whatever line runs, and one that lands in a finaliser (a database connection's, say) is
+    printed and dropped there, so the search would go on. Like train.py, this also takes SIGINT back where a
+    background start left it ignored."""
     history, read = os.path.join(run_dir, "history.csv"), 0
     while True:
-        if ctrl_c.pressed:
+        if ctrl_c.signalled:
             raise KeyboardInterrupt
         done = proc.poll() is not None
         rows = read_history(history)
@@ -424,9 +406,9 @@ def run_training(search: Search, command: list[str], run_dir: str, trial=None) -
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
         try:
-            with CtrlC() as ctrl_c:
+            with GracefulStop(signals=(signal.SIGINT,)) as ctrl_c:
                 pruned = watch(proc, run_dir, trial, search.args, ctrl_c)
-            if ctrl_c.pressed:  # as the run ended, after watch() last looked
+            if ctrl_c.signalled:  # as the run ended, after watch() last looked
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGTERM)

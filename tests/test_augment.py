@@ -220,7 +220,8 @@ def test_loader_batches_are_channels_last_and_normalise_as_contiguous_ones():
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
             assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    torch.testing.assert_close(to_float_batch(batch, torch.device("cpu")), (plain / 255 - mean) / std, atol=1e-5, rtol=0)
+    expected = (plain / 255 - mean) / std
+    torch.testing.assert_close(to_float_batch(batch, torch.device("cpu")), expected, atol=1e-5, rtol=0)
 
 
 def test_random_erasing_draws_per_image():
