@@ -105,10 +105,11 @@ class Config:
     seed: int = opt(42, "seed for python, numpy, torch and loader workers")
     device: str = opt("auto", "where to train: auto = cuda when available, else cpu",
                       choices=["auto", "cpu", "cuda"])
-    amp: str = opt("auto", "autocast precision: auto = on CUDA bf16 where the GPU has it, else fp16; on the CPU "
-                           "bf16 where the CPU computes it natively (AVX512-BF16, AMX, Arm BF16), else float32 "
-                           "(emulated bf16 is far slower); bf16 = bf16 (on the CPU even when emulated); fp16 = fp16 "
-                           "on CUDA, float32 on the CPU; off = float32",
+    amp: str = opt("auto", "autocast precision: auto = bf16 where the device computes it natively (a GPU of compute "
+                           "capability 8.0 or higher: A100, H100, RTX 30xx and later; a CPU with AVX512-BF16, AMX or "
+                           "Arm BF16), else fp16 with loss scaling on CUDA (T4, V100, RTX 20xx) and float32 on the "
+                           "CPU (emulated bf16 is far slower); bf16 = bf16 (even where emulated, with a warning); "
+                           "fp16 = fp16 on CUDA, float32 on the CPU; off = float32",
                    choices=["auto", "bf16", "fp16", "off"])
     lr_scale: str = opt("none", "under torchrun: multiply --lr and --min-lr by the number of processes (linear; the "
                                 "global batch over --batch-size) or by its square root (sqrt); none = the LR as given",

@@ -37,7 +37,7 @@ from errors import UserError, check_folder_path, run_cli
 from export import export_members
 from model import build_model, data_summary, resolve_data, short_list
 from report import Labelled, write_report
-from runtime import amp_dtype, autocast, default_workers, native_cpu_bf16, pick_device, precision_name
+from runtime import amp_dtype, autocast, default_workers, native_bf16, pick_device, precision_name
 
 TTA_MODES = ["none", "flip", "flip-crops"]
 
@@ -353,8 +353,9 @@ def validate(members, classes, val_dir, args, device):
 def precision_note(cfg, device):
     """The precision the checkpoint's --amp gives on this device, and whether the CPU only emulates it."""
     dtype = amp_dtype(cfg, device)
-    emulated = dtype == torch.bfloat16 and device.type == "cpu" and not native_cpu_bf16()
-    return precision_name(dtype) + (" (--amp bf16 of the run, emulated on this CPU: slow)" if emulated else "")
+    emulated = dtype == torch.bfloat16 and not native_bf16(device)
+    where = "CPU" if device.type == "cpu" else "GPU"
+    return precision_name(dtype) + (f" (--amp bf16 of the run, emulated on this {where}: slow)" if emulated else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
-import dataclasses
 import itertools
 import math
 import os
@@ -33,7 +32,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -78,9 +76,9 @@ def add_finder_args(parser: argparse.ArgumentParser) -> None:
 
 
 def finder_run(cfg: Config, args: argparse.Namespace) -> tuple[Config, str, None]:
-    """(config, folder, checkpoint) for a sweep, as train.open_run gives them for a run: the config with a run
-    name, a temporary folder (removed at exit) for the files training writes before its first step, no
-    checkpoint. An existing run folder is neither refused nor cleared: only lr_find.png is written there."""
+    """(config, folder, checkpoint) for a sweep of the new run that train.new_run_config opened (its input settings
+    resolved, its name given): a temporary folder (removed at exit) for the files training writes before its first
+    step, no checkpoint. An existing run folder is neither refused nor cleared: only lr_find.png is written there."""
     if args.resume:
         raise UserError("--find-lr sweeps from a new run's starting weights: drop --resume (to sweep from other "
                         "weights, pass the file as --weights)")
@@ -92,10 +90,9 @@ def finder_run(cfg: Config, args: argparse.Namespace) -> tuple[Config, str, None
     if not 0 < start < end:
         raise UserError(f"--lr-find-range {start:g} {end:g}: give two learning rates, the first above 0 and below "
                         "the second")
-    name = cfg.run_name or f"{cfg.arch}-{datetime.now():%Y%m%d-%H%M%S}"
     scratch = tempfile.mkdtemp(prefix="lr-find-")
     atexit.register(shutil.rmtree, scratch, True)
-    return dataclasses.replace(cfg, run_name=name), scratch, None
+    return cfg, scratch, None
 
 
 def find_lr(run: Run, loaders: Any, train_step: Callable[..., tuple[float, float, float]], args: argparse.Namespace,
@@ -193,7 +190,7 @@ def finite_points(lrs: np.ndarray, losses: Sequence[float]) -> tuple[np.ndarray,
     keep = np.isfinite(losses)
     if keep.sum() < 3:
         raise UserError(f"the loss was not finite from the first steps of the sweep on (at LR {lrs[0]:.2g}): "
-                        "lower the start of --lr-find-range, or train without fp16 (--amp bf16 or --amp off)")
+                        "lower the start of --lr-find-range, or train without fp16 (--amp off)")
     return lrs[keep], losses[keep]
 
 

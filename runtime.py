@@ -83,19 +83,46 @@ def native_cpu_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+NATIVE_CUDA_BF16 = (8, 0)  # Ampere and later compute bf16 in hardware; T4, V100 and RTX 20xx only emulate it
+
+
+def native_cuda_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 natively (compute capability 8.0 or higher). torch.cuda.is_bf16_supported()
+    is not the test: in current torch it also answers yes where bf16 is only emulated (its including_emulation
+    argument), and emulated bf16 convolutions are far slower than fp16 or have no cuDNN kernel."""
+    return torch.cuda.get_device_capability(device) >= NATIVE_CUDA_BF16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bf16 in hardware (the CPU's instructions, the GPU's compute capability)."""
+    if device.type == "cuda":
+        return native_cuda_bf16(device)
+    return device.type == "cpu" and native_cpu_bf16()
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast precision of --amp on this device; None = float32. On CUDA auto is bf16 where the GPU has it,
-    else fp16. On the CPU auto is bf16 only where the CPU computes it natively, bf16 is bf16 even when emulated,
-    and fp16 computes in float32 (train.py warns about both)."""
+    """The autocast precision of --amp on this device; None = float32. auto is bf16 where the device computes it
+    natively; elsewhere fp16 (with the grad scaler) on CUDA and float32 on the CPU. bf16 is bf16 even when emulated
+    (train.py warns); fp16 computes in float32 on the CPU (train.py warns)."""
     if cfg.amp == "off":
         return None
-    if device.type == "cuda":
-        if cfg.amp == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    if device.type == "cpu" and (cfg.amp == "bf16" or (cfg.amp == "auto" and native_cpu_bf16())):
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and native_bf16(device)):
         return torch.bfloat16
-    return None
+    return torch.float16 if device.type == "cuda" else None  # fp16, or auto on a GPU without native bf16
+
+
+def emulated_bf16_note(cfg: Config, device: torch.device) -> str:
+    """The warning for --amp bf16 on a device that only emulates it, or ""."""
+    if cfg.amp != "bf16" or native_bf16(device):
+        return ""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"--amp bf16 on this GPU (compute capability {major}.{minor}, below 8.0) is emulated: the run computes "
+                "in bf16 but far slower than in fp16 (or without cuDNN kernels); --amp auto picks fp16 with loss "
+                "scaling here")
+    return ("--amp bf16 on this CPU is emulated (it has no AVX512-BF16, AMX or Arm BF16 instructions): the run "
+            "computes in bf16 but much slower than float32 (12x to 30x on an AVX2 CPU); --amp auto picks float32 "
+            "here")
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

@@ -58,7 +58,7 @@ from plots import plot_confusion, plot_curves
 from resume import (EpochSampler, EpochWrites, GracefulStop, Progress, clear_run, keep_epoch_copy,
                     remove_stale_temp_files, restore_training_state, resume_path, resumed_config, run_files)
 from run import Run
-from runtime import (amp_dtype, autocast, default_workers, native_cpu_bf16, pick_device, precision_name,
+from runtime import (amp_dtype, autocast, default_workers, emulated_bf16_note, pick_device, precision_name,
                      rank_rng_states, seed_everything, seed_rank_streams, seed_worker)
 from tensorboard_log import Board
 
@@ -215,27 +215,28 @@ def run_name(cfg):
     return cfg.run_name or distributed.from_main(f"{arch}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
-def clear_old_run(run_dir, overwrite):
-    """Refuse a folder that holds a run, or with --overwrite remove that run's files first, so that nothing of it
-    (last.pt for --resume auto, best.pt for inference, epoch copies, oof.csv) can pass for the new run's. The first
-    process decides and removes; the others wait for it."""
+def clear_old_run(run_dir, clear):
+    """Refuse a folder that holds a run, or remove that run's files first when `clear` says why they may go
+    (--overwrite; --resume auto finding no last.pt), so that nothing of it (last.pt for --resume auto, best.pt for
+    inference, epoch copies, oof.csv) can pass for the new run's. The first process decides and removes; the others
+    wait for it."""
     old = distributed.from_main(run_files(run_dir) if distributed.is_main() else None)
-    if old and not overwrite:
+    if old and not clear:
         raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to start it "
                         f"again, or choose another --run-name (it holds {short_names(old)})")
     if old:
         removed = distributed.from_main(clear_run(run_dir) if distributed.is_main() else None)
-        print(f"--overwrite: removed the earlier run's {short_names(removed, 12)} from {run_dir}")
+        print(f"{clear}: removed the earlier run's {short_names(removed, 12)} from {run_dir}")
 
 
 def short_names(names, n=5):
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def new_run_dir(cfg, overwrite):
+def new_run_dir(cfg, clear):
     run_dir = os.path.join(cfg.output_dir, run_name(cfg))
     check_folder_path(run_dir, "run folder")  # before the data scan, not after it
-    clear_old_run(run_dir, overwrite)
+    clear_old_run(run_dir, clear)
     return run_dir
 
 
@@ -246,44 +247,52 @@ def folds_parent(cfg, overwrite):
     parent = os.path.join(cfg.output_dir, name)
     check_folder_path(parent, "run folder")
     if overwrite:
-        clear_old_run(parent, overwrite)
+        clear_old_run(parent, "--overwrite")
     return name
 
 
 def print_warnings(cfg, device):
     """Say every setting that changes nothing in this run (config.check_config) or on this device."""
     warnings = check_config(cfg)
-    warnings += cpu_precision_notes(cfg, device)
+    warnings += precision_notes(cfg, device)
     if cfg.sync_bn and distributed.world_size() == 1:
         warnings.append("--sync-bn has no effect in a single process (it syncs BatchNorm across torchrun processes)")
     for warning in warnings:
         print(f"warning: {warning}")
 
 
-def cpu_precision_notes(cfg, device):
-    if device.type != "cpu":
-        return []
-    if cfg.amp == "fp16":
-        return ["--amp fp16 has no effect on the CPU (fp16 autocast there is slower than float32 and would need a "
-                "grad scaler): this run computes in float32; --amp bf16 is the CPU's mixed precision"]
-    if cfg.amp == "bf16" and not native_cpu_bf16():
-        return ["--amp bf16 on this CPU is emulated (it has no AVX512-BF16, AMX or Arm BF16 instructions): the run "
-                "computes in bf16 but much slower than float32 (12x to 30x on an AVX2 CPU); --amp auto picks float32 "
-                "here"]
-    return []
+def precision_notes(cfg, device):
+    """--amp settings that do not compute as asked on this device: fp16 on the CPU, bf16 where it is emulated."""
+    notes = [emulated_bf16_note(cfg, device)]
+    if device.type == "cpu" and cfg.amp == "fp16":
+        notes.append("--amp fp16 has no effect on the CPU (fp16 autocast there is slower than float32 and would need "
+                     "a grad scaler): this run computes in float32; --amp bf16 is the CPU's mixed precision")
+    return [note for note in notes if note]
+
+
+def new_run_config(cfg):
+    """The settings of a new run, as a training run and the LR finder both open it: the model's own input settings
+    where the flags leave them to it, checked (before anything of an earlier run is removed), and the run's name."""
+    cfg = resolve_data(cfg)
+    check_config(cfg)
+    return dataclasses.replace(cfg, run_name=run_name(cfg))
 
 
 def open_run(cfg, args, given):
-    """(config, run folder, checkpoint to resume or None): a new run, or the one --resume names, with its settings."""
+    """(config, run folder, checkpoint to resume or None): a new run, the one --resume names with its settings, or
+    the LR finder's sweep of a new run."""
+    if args.find_lr:
+        return finder_run(new_run_config(cfg), args)
     if args.resume == "auto" and not cfg.run_name:
         raise UserError("--resume auto needs the --run-name of the run to continue")
     path = resume_path(args.resume, os.path.join(cfg.output_dir, cfg.run_name)) if args.resume else None
     if path is None:
         if args.resume:
             print(f"no checkpoint in {os.path.join(cfg.output_dir, cfg.run_name)} yet: starting the run")
-        cfg = resolve_data(cfg)  # the model's own input settings where the flags leave them to it
-        check_config(cfg)  # before anything of an earlier run is removed
-        return cfg, new_run_dir(cfg, args.overwrite), None
+        cfg = new_run_config(cfg)
+        # --resume auto without last.pt: what the folder holds is a start that saved nothing to continue from
+        clear = "--overwrite" if args.overwrite else "--resume auto found no last.pt" if args.resume else None
+        return cfg, new_run_dir(cfg, clear), None
     ckpt = load_resumable(path)
     cfg, schedule_changed = resumed_config(ckpt["config"], given, args.allow_schedule_change)
     cfg = resolve_data(cfg)  # a run saved before these settings were stored: torchvision's, as it trained with
@@ -433,7 +442,7 @@ def skip_nonfinite_step(value, progress, cfg, dtype, run_dir):
     where = f"epoch {progress.epoch + 1} step {progress.step + 1}"
     tqdm.write(f"warning: the loss is {value} at {where}: step skipped")
     if progress.nonfinite_in_a_row >= NONFINITE_LIMIT:
-        fp16 = ", or train without fp16 (--amp bf16 or --amp off)" if dtype == torch.float16 else ""
+        fp16 = ", or train without fp16 (--amp off)" if dtype == torch.float16 else ""
         last = os.path.join(run_dir, "last.pt")
         kept = f"; {last} still holds the last good state" if os.path.exists(last) else ""
         raise UserError(f"the loss was not finite for {NONFINITE_LIMIT} steps in a row up to {where}: training "
@@ -821,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.all_folds and not args.find_lr:  # the finder sweeps on one fold's training part
         check_config(cfg)
         return run_all_folds(main, argv, cfg, folds_parent(cfg, args.overwrite))
-    cfg, run_dir, ckpt = finder_run(cfg, args) if args.find_lr else open_run(cfg, args, given)
+    cfg, run_dir, ckpt = open_run(cfg, args, given)
     print_warnings(cfg, device)
     seed_everything(cfg.seed)
 

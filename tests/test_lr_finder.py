@@ -37,8 +37,8 @@ def tiny_finder_run(tmp_path):
     """The run train.main builds for --find-lr on the sample data, and its parsed arguments."""
     argv = ["--data-dir", SAMPLE, *TINY, "--find-lr", "--lr-find-steps", "6", "--lr-find-range", "1e-4", "1",
             "--lr-find-plot", str(tmp_path / "sweep.png")]
-    cfg, args, _ = train.parse_args(argv)
-    cfg, run_dir, _ = lr_finder.finder_run(cfg, args)
+    cfg, args, given = train.parse_args(argv)
+    cfg, run_dir, _ = train.open_run(cfg, args, given)
     datasets = build_train_val(cfg)
     model = train.new_model(cfg, datasets[2], None)
     train_set, val_set, _ = train.load_data(cfg, datasets, run_dir, None, False)

@@ -34,6 +34,29 @@ def test_amp_auto_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch, cpuinfo,
     assert runtime.amp_dtype(Config(amp="off"), CPU) is None
 
 
+@pytest.mark.parametrize("capability, auto", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_auto_on_cuda_is_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, auto):
+    # a T4 (7.5) or V100 (7.0), where torch.cuda.is_bf16_supported() says yes because bf16 is emulated, against an
+    # A100 (8.0) or H100 (9.0); torch is asked nothing else about the GPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    gpu = torch.device("cuda")
+    assert runtime.amp_dtype(Config(amp="auto"), gpu) == auto
+    assert runtime.amp_dtype(Config(amp="bf16"), gpu) == torch.bfloat16  # as asked, with a warning where emulated
+    assert runtime.amp_dtype(Config(amp="fp16"), gpu) == torch.float16
+    assert runtime.amp_dtype(Config(amp="off"), gpu) is None
+    warnings = train.precision_notes(Config(amp="bf16"), gpu)
+    if auto == torch.float16:
+        assert warnings == [f"--amp bf16 on this GPU (compute capability {capability[0]}.{capability[1]}, below 8.0) "
+                            "is emulated: the run computes in bf16 but far slower than in fp16 (or without cuDNN "
+                            "kernels); --amp auto picks fp16 with loss scaling here"]
+        assert "emulated on this GPU" in inference.precision_note(Config(amp="bf16"), gpu)
+    else:
+        assert warnings == [] and inference.precision_note(Config(amp="bf16"), gpu) == "bfloat16 autocast"
+    assert train.precision_notes(Config(amp="auto"), gpu) == train.precision_notes(Config(amp="fp16"), gpu) == []
+
+
 def test_amp_auto_describes_this_machines_choice(trained_run):
     _, proc = trained_run  # trained with the default --amp auto on the CPU
     expected = "bfloat16 autocast" if runtime.native_cpu_bf16() else "float32"
