@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start again in a run folder that already holds a run: first remove the earlier run's "
                            "files there (last.pt, best.pt, epoch-*.pt, config.json, history.csv, curves.png, "
                            "confusion_matrix.png/.csv, folds.csv, val_split.csv, oof.csv, skipped_images.txt, "
-                           "tensorboard/, report/, fold<i>/) and name them; other files stay")
+                           "ablation.py's test_prediction_*.csv, tensorboard/, report/, fold<i>/) and name them; "
+                           "other files stay")
     data.add_argument("--config", metavar="FILE",
                       help="read settings from a JSON or YAML file of 'name: value' lines, the names being these "
                            "flags without the leading -- (batch_size: 32, or batch-size); a run's own config.json "

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ablation
+import inference
 import train
 from conftest import SAMPLE, TINY, one_line_error, run_main
 
@@ -106,3 +107,16 @@ def test_test_labels_add_test_accuracy_per_tta_mode(tmp_path, capsys):
         merged = truth.merge(pred, on="image_name")
         assert summary[f"test_acc_{mode}"][0] == pytest.approx((merged["label"] == merged["pred_label"]).mean())
     assert "test_acc_flip" in (grid / "report.md").read_text() and "test_acc_none" in out
+
+    # the same grid with another --epochs retrains the run in place: its test predictions are the new model's
+    run_dir = grid / summary["run"][0]
+    code, out, _ = run_main(ablation.main, [*argv, "--epochs", 2], capsys)
+    assert code == 0 and "already done, kept" not in out
+    assert len(pd.read_csv(run_dir / "history.csv")) == 2
+    fresh = tmp_path / "fresh.csv"
+    code, _, _ = run_main(inference.main, ["--checkpoint", run_dir / "best.pt", "--data-dir", SAMPLE, "--tta", "none",
+                                           "--output", fresh], capsys)
+    assert code == 0
+    kept = pd.read_csv(run_dir / "test_prediction_none.csv", dtype=str)
+    assert kept.equals(pd.read_csv(fresh, dtype=str))
+    assert os.path.getmtime(run_dir / "test_prediction_none.csv") > os.path.getmtime(run_dir / "best.pt")
