@@ -172,6 +172,9 @@ class Config:
                         "split them stratified into K folds (from --seed) and train on K-1 of them; 0 = the given "
                         "train/val split", group="cross-validation")
     fold: int = opt(0, "which fold is held out for validation (0 .. K-1)", group="cross-validation")
+    fold_split: str = opt("", "a folds.csv whose fold assignment this run uses instead of drawing one from the file "
+                              "list and --seed (images it does not hold train in every fold; --all-folds gives fold "
+                              "0's to the others, and a resumed run always takes its own)", group="cross-validation")
     all_folds: bool = opt(False, "train every fold in turn into <run>/fold<i>/ and report out-of-fold accuracy",
                           group="cross-validation")
 

@@ -48,7 +48,7 @@ from augment import BatchAugment
 from ema import make_ema
 from errors import UserError, check_folder_path, run_cli
 from finetune import backbone_frozen, param_groups, reported_lr, set_backbone_frozen
-from folds import VAL_SPLIT, fold_datasets, run_all_folds, val_fraction_datasets, write_oof, write_split
+from folds import FOLD_SPLIT, VAL_SPLIT, fold_datasets, run_all_folds, val_fraction_datasets, write_oof, write_split
 from losses import TrainLoss, class_weights, loss_phase
 from lr_finder import add_finder_args, find_lr, finder_run
 from mix import build_mixer, count_correct
@@ -725,8 +725,11 @@ def load_data(cfg, datasets, run_dir, ckpt, allow_change):
     """The train and val (or held-out fold) datasets after the up-front scan has left out unreadable images, with
     the run's Progress (the images skipped so far). datasets: build_train_val's (train, val, classes)."""
     train_set, val_set, classes = datasets
-    train_set, val_set, split = fold_datasets(cfg, train_set, val_set, classes)
-    saved_split = os.path.join(run_dir, VAL_SPLIT) if ckpt else None  # a resumed run validates on its own split
+    # a resumed run validates on its own split: its folds.csv or val_split.csv
+    own_folds = os.path.join(run_dir, FOLD_SPLIT)
+    saved_folds = own_folds if ckpt and os.path.isfile(own_folds) else cfg.fold_split or None
+    train_set, val_set, split = fold_datasets(cfg, train_set, val_set, classes, saved_folds)
+    saved_split = os.path.join(run_dir, VAL_SPLIT) if ckpt else None
     train_set, val_set, held_out = val_fraction_datasets(cfg, train_set, val_set, classes, saved_split)
     os.makedirs(run_dir, exist_ok=True)
     write_split(split, run_dir)

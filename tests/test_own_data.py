@@ -75,11 +75,15 @@ def test_a_resumed_run_validates_on_its_saved_split(fraction_run, tmp_path, caps
     # another image of each class in val than the seed would draw: only a reused split can give this one
     split["split"] = np.where(split.groupby("label").cumcount() < 1, "val", "train")
     split.loc[split["label"] == "rare", "split"] = "train"
-    split.to_csv(run_dir / "val_split.csv", index=False)
+    # and one training image the file does not hold, as if added to train/ since: it trains, and is named
+    added = split[split["split"] == "train"]["image"].iloc[0]
+    split[split["image"] != added].to_csv(run_dir / "val_split.csv", index=False)
     code, out, err = run_main(train.main, ["--resume", run_dir / "last.pt", "--epochs", 2,
                                            "--allow-schedule-change"], capsys)
     assert code == 0, err
     assert f"validating on the 3 images of {run_dir / 'val_split.csv'}, as the run did" in out
+    assert f"warning: 1 image(s) are not in {run_dir / 'val_split.csv'} (added, or moved to another class, since " \
+           f"the split was made): they train: {added}" in out
     assert "16 train / 3 val images" in out
     assert pd.read_csv(run_dir / "val_split.csv", dtype=str).equals(split)
     assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2]

@@ -13,7 +13,7 @@ from PIL import Image
 import inference
 import train
 from config import Config
-from conftest import TINY, copy_sample, run_main
+from conftest import TINY, copy_sample, one_line_error, run_main
 from augment import train_transform
 from dataset import build_train_val
 from finetune import param_groups
@@ -208,6 +208,46 @@ def test_all_folds_trains_every_fold_on_a_stored_split(fold_runs, small_data):
     accuracy = (oof["label"] == oof["pred"]).mean()
     assert f"out-of-fold accuracy {accuracy:.4f} over 36 images" in out
     assert torch.load(run / "fold1" / "best.pt", weights_only=True)["config"]["fold"] == 1
+
+
+def test_folds_keep_their_assignment_when_the_file_list_changes(small_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    common = ["--data-dir", data, "--output-dir", tmp_path, *TINY, "--head", "linear", "--epochs", 1,
+              "--batch-size", 8, "--folds", 3]
+    code, _, err = run_main(train.main, [*common, "--fold", 0, "--run-name", "cv/fold0"], capsys)
+    assert code == 0, err
+    split = pd.read_csv(tmp_path / "cv" / "fold0" / "folds.csv", dtype=str)
+    # one image added to train/ (re-drawing the folds from 37 images would move many of the 36 others), one gone
+    added = os.path.join("train", "0", "added.png")
+    shutil.copy(data / "train" / "1" / sorted(os.listdir(data / "train" / "1"))[0], data / added)
+    os.remove(data / split["image"][5])
+
+    # the other folds of --all-folds, after fold 0 (resumed: it is done); each keeps fold 0's assignment
+    code, out, err = run_main(train.main, [*common, "--all-folds", "--run-name", "cv", "--resume", "auto",
+                                           "--allow-schedule-change"], capsys)
+    assert code == 0, err
+    # fold 0 resumed on its own folds.csv, folds 1 and 2 started on it
+    assert out.count(f"--folds: the fold assignment of {tmp_path / 'cv' / 'fold0' / 'folds.csv'} (36 images)") == 3
+    for i in range(3):
+        assert pd.read_csv(tmp_path / "cv" / f"fold{i}" / "folds.csv", dtype=str).equals(split)
+        held_out = set(pd.read_csv(tmp_path / "cv" / f"fold{i}" / "oof.csv", dtype=str)["image"])
+        gone = [] if i == 0 else [split["image"][5]]  # fold 0 predicted its fold before the image was removed
+        assert held_out == set(split["image"][split["fold"] == str(i)]) - set(gone)
+    assert out.count(f"warning: 1 image(s) are not in ") == 3 and f"never held out: {added}" in out
+    assert out.count("warning: 1 image(s) of ") == 3 and "are no longer in the data" in out
+    assert "out-of-fold accuracy" in out
+
+
+def test_a_fold_split_must_fit_the_folds(small_data, tmp_path, capsys):
+    split = tmp_path / "folds.csv"
+    pd.DataFrame({"image": ["a.png", "b.png"], "label": ["0", "1"], "fold": [0, 1]}).to_csv(split, index=False)
+    argv = ["--data-dir", small_data, "--output-dir", tmp_path, *TINY, "--fold-split", split]
+    assert "give --folds K with it" in one_line_error(*run_main(train.main, argv, capsys)[::2])
+    message = one_line_error(*run_main(train.main, [*argv, "--folds", 3], capsys)[::2])
+    assert f"{split} splits the images into 2 folds, not --folds 3" in message
+    assert "no such file" in one_line_error(*run_main(train.main, [*argv[:-1], tmp_path / "x.csv", "--folds", 2],
+                                                      capsys)[::2])
 
 
 def test_all_folds_overwrite_leaves_no_fold_of_the_earlier_run(fold_runs, small_data, tmp_path, capsys):
