@@ -195,8 +195,9 @@ def write_torchscript(wrapper: Exported, example: torch.Tensor, path: str, meta:
 
 
 def check_export(wrapper: Exported, path: str, fmt: str, crop: int) -> None:
-    """Run the written file on random images and compare it with PyTorch: a silent mismatch is the classic
-    failure of an export."""
+    """Run the written file on random images and compare it with PyTorch's float32 model (the weights the file
+    holds, whatever --amp the run trained or predicts with): a silent mismatch is the classic failure of an
+    export."""
     images = torch.randint(0, 256, (3, 3, crop, crop), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = wrapper(images).numpy()
@@ -216,7 +217,8 @@ def check_export(wrapper: Exported, path: str, fmt: str, crop: int) -> None:
     if not diff <= CHECK_TOLERANCE:
         raise UserError(f"{path} does not reproduce PyTorch's outputs under {runner} (largest difference {diff:.2g} "
                         f"on random images): please report it with the arch")
-    print(f"checked: {runner} gives PyTorch's probabilities to {diff:.1g} on 3 random images")
+    # against the float32 model the file holds: the run's --amp (bf16 on a CPU with AMX) is not in the export
+    print(f"checked: {runner} gives PyTorch's float32 probabilities to {diff:.1g} on 3 random images")
 
 
 def loaded_metadata(path: str) -> dict[str, str]:
