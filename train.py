@@ -530,6 +530,7 @@ def epoch_row(run, progress, epoch, scores):
                 train_acc=progress.correct / max(progress.seen, 1), val_loss=val.get("loss", math.nan),
                 val_acc=val.get("acc", math.nan), val_loss_ema=val_ema.get("loss", math.nan),
                 val_acc_ema=val_ema.get("acc", math.nan),
+                val_images=len(val["targets"]) if val else math.nan,  # what the accuracies count (tune.py's SE)
                 nonfinite_steps=progress.nonfinite_steps,
                 images_per_s=progress.seen / max(progress.seconds, 1e-9),
                 epoch_seconds=progress.seconds + scores["seconds"])

@@ -15,13 +15,13 @@ Flags after -- (or any flag tune.py does not know) go to every trial's train.py 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import glob
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -80,6 +80,15 @@ RESERVED = {"data_dir", "output_dir", "run_name", "epochs", "seed", "time_limit"
             "auto_augment", "tensorboard"}
 RESERVED_FLAGS = ["--epochs", "--seed", "--run-name", "--output-dir", "--time-limit", "--resume", "--overwrite",
                   "--find-lr", "--check-data", "--all-folds", "--data-dir"]
+# shared flags that would make trials of different lengths: a trial stopped early by --patience "completes" with
+# fewer epochs than the others it is compared with
+UNFAIR_FLAGS = {"--patience": "it ends trials at different epochs, which the pruner and the ranking then compare; "
+                              "give it to the final run (train.py --config best_config.json --patience N)"}
+# train.py's settings counted in epochs. A space or a shared flag gives them for the final run (--final-epochs), as
+# best_config.json keeps them, and each trial gets the same share of its own --epochs-per-trial: a 5-epoch trial of
+# --focal-start 14 (of 100) switches to focal in epoch 1, where the final run would after 14%
+EPOCH_SETTINGS = ("warmup_epochs", "t_max", "freeze_epochs", "ema_start_epoch", "focal_start", "focal_full",
+                  "mix_off_epoch")
 POLL_SECONDS = 0.5
 # what opening a new study reports when another process is creating the same tables or study at that moment
 RACES = ("IntegrityError", "already exists", "database is locked")
@@ -262,14 +271,32 @@ def check_train_args(train_args, space):
         plain = "--" + flag[5:] if flag.startswith("--no-") else flag
         if plain in RESERVED_FLAGS:
             raise UserError(f"{arg}: tune.py sets this for every trial (see python tune.py --help)")
+        if plain in UNFAIR_FLAGS:
+            raise UserError(f"{arg}: not in a search: {UNFAIR_FLAGS[plain]}")
         if plain in searched:
             raise UserError(f"{arg}: the search space varies this setting; drop it, or fix it in a --space file")
 
 
-def fixed_config(args, train_args) -> Config:
+def fixed_config(args, train_args, space) -> Config:
     """The settings every trial shares, read by train.py's own parser (a wrong flag stops here, not in trial 0)."""
     cfg, _, _ = train.parse_args(["--data-dir", args.data_dir, *train_args])
+    check_focal_order(space, cfg, args.space)
     return cfg
+
+
+def check_focal_order(space, cfg, where):
+    """A space whose focal_start can be drawn after focal_full (or after the shared value of the other) would give
+    trials that train.py refuses: say so before the first trial."""
+    def bounds(name):
+        spec = space.get(name, getattr(cfg, name))
+        values = spec_values(spec, name, where) if isinstance(spec, (list, dict)) else [spec]
+        return min(values), max(values)
+    if "focal_start" in space or "focal_full" in space:
+        latest_start, earliest_full = bounds("focal_start")[1], bounds("focal_full")[0]
+        if latest_start > earliest_full:
+            raise UserError(f"--space {where}: focal_start can be drawn up to {latest_start:g}, after focal_full "
+                            f"{earliest_full:g} (the first epoch of pure focal loss): let focal_start end at or "
+                            "before the lowest focal_full")
 
 
 def open_study(args, study_dir):
@@ -296,6 +323,37 @@ def open_study(args, study_dir):
     return study, url
 
 
+def check_setup(study, args, train_args, space) -> None:
+    """A study's trials compare only when they ran alike: the first process records what the study was started
+    with (trial length, the final length the epoch-counted settings are scaled from, the shared flags, the space),
+    and a later command that differs is refused, naming the difference."""
+    setup = json.loads(json.dumps({"--epochs-per-trial": args.epochs_per_trial, "--final-epochs": args.final_epochs,
+                                   "shared train.py flags": train_args, "space": space}))
+    saved = study.user_attrs.get("setup")
+    if saved is None:
+        study.set_user_attr("setup", setup)
+        return
+    for key, value in setup.items():
+        if saved.get(key) != value:
+            raise UserError(f"study {args.name} was started with {setup_difference(key, saved.get(key), value)}: its "
+                            "trials would not compare with the earlier ones; repeat the study's settings, or start a "
+                            "new study with another --name")
+
+
+def setup_difference(key, saved, given) -> str:
+    """'<what the study has>, this command gives <what differs>', naming only the space's settings that differ."""
+    if key == "space":
+        saved, given = saved or {}, given or {}
+        names = [n for n in dict.fromkeys([*saved, *given]) if saved.get(n) != given.get(n)]
+        def show(space):
+            return "; ".join(f"{n}: {json.dumps(space[n])}" if n in space else f"no {n}" for n in names)
+        return f"the space's {show(saved)}, this command's space gives {show(given)}"
+    if key == "shared train.py flags":
+        return (f"the shared train.py flags '{' '.join(saved or []) or '(none)'}', this command gives "
+                f"'{' '.join(given) or '(none)'}'")
+    return f"{key} {saved}, this command gives {key} {given}"
+
+
 @dataclasses.dataclass
 class Search:
     """What every trial of this command shares."""
@@ -311,18 +369,49 @@ class Search:
 
 
 def trial_command(search: Search, params: dict, run_name: str, seed: int, time_limit: float) -> list[str]:
-    """train.py's command line for one trial; --loss schedule's epochs are scaled to the trial's length, so that a
-    short trial sees the CE -> focal switch where the full run would."""
-    args, cfg = search.args, search.cfg
-    flags = setting_flags(params)
-    if params.get("loss", cfg.loss) == "schedule":
-        scale = args.epochs_per_trial / args.final_epochs
-        flags += [f"--focal-start={round(cfg.focal_start * scale)}", f"--focal-full={round(cfg.focal_full * scale)}"]
+    """train.py's command line for one trial: the shared flags, the trial's settings, and every epoch-counted
+    setting (drawn or shared) scaled from the final run's length to the trial's (trial_epoch_settings)."""
+    args = search.args
+    flags = setting_flags({k: v for k, v in params.items() if k not in EPOCH_SETTINGS})
+    # after the shared flags: argparse keeps the last value given
+    flags += setting_flags(trial_epoch_settings(search, params))
     limit = [f"--time-limit={max(int(time_limit), 1)}s"] if time_limit else []
     return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
             "--data-dir", args.data_dir, *search.train_args, *flags, *limit, "--epochs", str(args.epochs_per_trial),
             "--seed", str(seed), "--output-dir", os.path.join(search.study_dir, "trials"), "--run-name", run_name,
             "--overwrite"]
+
+
+def trial_epoch_settings(search: Search, params: dict) -> dict:
+    """{setting: value} of the epoch-counted settings a trial uses, drawn or shared, at the same share of the trial
+    as of --final-epochs (whole numbers rounded; --mix-off-epoch stays at least 1, as 0 means never off). A setting
+    the trial does not use (0, or the focal epochs without --loss schedule) is left out."""
+    args, cfg = search.args, search.cfg
+    scale = args.epochs_per_trial / args.final_epochs
+    schedule = params.get("loss", cfg.loss) == "schedule"
+    scaled = {}
+    for name in EPOCH_SETTINGS:
+        value = params.get(name, getattr(cfg, name))
+        if name.startswith("focal_") and not schedule or not value and not name.startswith("focal_"):
+            continue
+        if isinstance(getattr(Config(), name), int):
+            scaled[name] = max(round(value * scale), 1 if name == "mix_off_epoch" else 0)
+        else:
+            scaled[name] = value * scale
+    return scaled
+
+
+def epoch_plan(search: Search) -> str:
+    """The plan's line on the trials' epoch-counted settings: the shared ones with their scaled values, the drawn
+    ones by name."""
+    shared = {k: v for k, v in trial_epoch_settings(search, {}).items() if k not in search.space}
+    drawn = [name for name in EPOCH_SETTINGS if name in search.space]
+    if not shared and not drawn:
+        return ""
+    shown = [f"--{name.replace('_', '-')} {getattr(search.cfg, name):g} -> {value:g}" for name, value in shared.items()]
+    shown += [f"{', '.join(drawn)} as drawn"] if drawn else []
+    return (f"epoch-counted settings, given for the final {search.args.final_epochs} epochs, take the same share of "
+            f"each {search.args.epochs_per_trial}-epoch trial: {', '.join(shown)}")
 
 
 def read_history(path: str) -> list[dict]:
@@ -419,13 +508,12 @@ def run_training(search: Search, command: list[str], run_dir: str, trial=None) -
             os.remove(path)
     with open(run_dir + ".log", errors="replace") as f:
         text = f.read()
-    rows = read_history(os.path.join(run_dir, "history.csv"))
-    sizes = re.search(r"(\d+) train / (\d+) val images", text)
+    history = read_history(os.path.join(run_dir, "history.csv"))
     state = "pruned" if pruned else {0: "complete", train.TIME_LIMIT_EXIT: "budget"}.get(proc.returncode, "failed")
     error = [line for line in text.splitlines() if line.strip()][-1:] if state == "failed" else []
-    return Outcome(state, max(map(epoch_acc, validated(rows)), default=float("nan")), len(rows),
-                   time.monotonic() - start,
-                   int(sizes.group(2)) if sizes else 0, error[0].strip() if error else "")
+    best = max(validated(history), key=epoch_acc, default=None)  # its val_images: the n of the SE
+    return Outcome(state, epoch_acc(best) if best else float("nan"), len(history), time.monotonic() - start,
+                   int(float(best["val_images"])) if best else 0, error[0].strip() if error else "")
 
 
 def search_time_left(search: Search) -> float | None:
@@ -433,6 +521,16 @@ def search_time_left(search: Search) -> float | None:
     if search.deadline is None:
         return None
     return search.deadline - time.monotonic() - search.reserve
+
+
+def trial_time_limit(search: Search) -> float:
+    """A search trial's --time-limit (0: none): the search's time left. Before any trial has measured how long one
+    takes, the confirmation's share is not known yet: the first trial then gets the share that leaves its own
+    length to each confirmation run, so that a slow first trial cannot spend the whole budget."""
+    left = search_time_left(search)
+    if left is None:
+        return 0
+    return left if search.trial_seconds else left / (1 + confirm_runs(search.args))
 
 
 def confirm_reserve(search: Search, study) -> float:
@@ -454,8 +552,7 @@ def run_trial(search: Search, study, trial) -> Outcome:
     settings = suggest(trial, search.space)
     trial.set_user_attr("role", "search")
     trial.set_user_attr("settings", settings)
-    left = search_time_left(search)
-    command = trial_command(search, settings, f"{trial.number:04d}", search.args.seed, left or 0)
+    command = trial_command(search, settings, f"{trial.number:04d}", search.args.seed, trial_time_limit(search))
     try:
         outcome = run_training(search, command, os.path.join(search.study_dir, "trials", f"{trial.number:04d}"),
                                trial)
@@ -531,11 +628,18 @@ def search_trials(search: Search, study) -> None:
                   f"({confirm_runs(args)} runs, about {search.reserve / 60:.1f} min)")
             break
         first = not search.trial_seconds
+        limit = trial_time_limit(search)
         outcome = run_trial(search, study, study.ask())
         done += 1
         if first and search.trial_seconds and search.deadline is not None:
             print(plan_estimate(search))
         if outcome.state == "budget":
+            if first:
+                share = f", the budget's share that leaves as long to each of the {confirm_runs(args)} confirmation " \
+                        "runs" if confirm_runs(args) else ""
+                print(f"search stops: the first trial did not finish in {limit / 60:.1f} min{share}: raise --budget, "
+                      "or shorten the trials (--epochs-per-trial, a smaller --img-size) or the confirmation "
+                      "(--confirm-top, --confirm-seeds)")
             break
 
 
@@ -557,6 +661,8 @@ def print_plan(search: Search, study, storage: str) -> None:
     reserve = (f"confirmation: the top {args.confirm_top} configurations x {args.confirm_seeds} more seed(s) = "
                f"{confirm_runs(args)} runs of {args.epochs_per_trial} epoch(s)" if args.confirm_seeds else
                "no confirmation (--confirm-seeds 0): the winner is the best single run")
+    if epoch_plan(search):
+        print(epoch_plan(search))
     trials = f"{args.trials} trials" if args.trials else "trials"
     if search.deadline is None:
         print(f"{trials}, then {reserve}")
@@ -605,40 +711,109 @@ def confirmations(study, source: int) -> dict:
 
 
 def confirm(search: Search, study) -> None:
-    """Re-run the top configurations with the next seeds, each run recorded in the study (role confirm)."""
-    import optuna
+    """Re-run the top configurations with the next seeds, each run recorded in the study (role confirm). A run that
+    another process on this machine is doing (two processes sharing a study reach the confirmation together) is
+    left to it at first, and waited for at the end; if it still has no result then, this process runs it."""
     args = search.args
-    for source in top_trials(study, args.confirm_top) if args.confirm_seeds else []:
-        for seed in range(args.seed + 1, args.seed + 1 + args.confirm_seeds):
-            if seed in confirmations(study, source.number):
-                continue  # done earlier, or by another process sharing the study
-            left = None if search.deadline is None else search.deadline - time.monotonic()
-            if left is not None and left <= 0:
+    runs = [(source, seed) for source in (top_trials(study, args.confirm_top) if args.confirm_seeds else [])
+            for seed in range(args.seed + 1, args.seed + 1 + args.confirm_seeds)]
+    for wait in (False, True):
+        taken = []
+        for source, seed in runs:
+            if search.deadline is not None and search.deadline - time.monotonic() <= 0:
                 print("confirmation incomplete: the budget ran out")
                 return
-            settings, name = source.user_attrs["settings"], f"{source.number:04d}-seed{seed}"
-            outcome = run_training(search, trial_command(search, settings, name, seed, left or 0),
-                                   os.path.join(search.study_dir, "trials", name))
-            print(progress_line(f"confirm {source.number} seed {seed}", settings, outcome, args.epochs_per_trial),
-                  flush=True)
-            if outcome.state != "complete":
-                continue  # a run the budget cut short is not comparable; a failed one says why in its line
+            if not confirm_one(search, study, source, seed, wait):
+                taken.append((source, seed))
+        for source, seed in taken:
+            print(f"confirm {source.number} seed {seed}: " + ("still running in another process at the end of the "
+                  "budget" if wait else "another process is running it; waiting for it at the end"))
+        runs = taken
+
+
+def confirm_one(search: Search, study, source, seed: int, wait: bool) -> bool:
+    """One confirmation run, unless the study holds its result already; False when another process holds its
+    claim and `wait` is off. The claim is a lock on locks/<run>.lock in the study folder, released when its process
+    ends however it ends."""
+    import optuna
+    name = f"{source.number:04d}-seed{seed}"
+    run_dir = os.path.join(search.study_dir, "trials", name)
+    with run_claim(os.path.join(search.study_dir, "locks", f"{name}.lock"), wait, search.deadline) as mine:
+        if not mine:
+            return False
+        if seed in confirmations(study, source.number):
+            return True  # done earlier, or by another process sharing the study
+        left = None if search.deadline is None else search.deadline - time.monotonic()
+        settings = source.user_attrs["settings"]
+        outcome = run_training(search, trial_command(search, settings, name, seed, left or 0), run_dir)
+        print(progress_line(f"confirm {source.number} seed {seed}", settings, outcome, search.args.epochs_per_trial),
+              flush=True)
+        if outcome.state == "complete":  # a run the budget cut short is not comparable; a failed one says why
             study.add_trial(optuna.trial.create_trial(
                 params=source.params, distributions=source.distributions, value=outcome.value,
                 user_attrs=dict(role="confirm", source=source.number, seed=seed, settings=settings,
                                 epochs=outcome.epochs, seconds=outcome.seconds, n_val=outcome.n_val)))
+    return True
+
+
+@contextlib.contextmanager
+def run_claim(path: str, wait: bool, deadline: float | None):
+    """Hold an exclusive lock on the file `path` while a run of the study folder trains: yields True when this
+    process holds it, False when another does (after waiting for it until the deadline, with `wait`)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no claims, as before them
+        yield True
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait or (deadline is not None and time.monotonic() >= deadline):
+                    yield False
+                    return
+                time.sleep(POLL_SECONDS)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ranking(study, args) -> list[dict]:
-    """The top configurations by their mean val accuracy over seeds, with the val set's SE and the seed spread."""
+    """The configurations compared for the win: the top search trials and every one with confirmation runs (an
+    earlier top, or another machine's), with their mean val accuracy over seeds, the val set's SE and the seed
+    spread. Ranked by seeds first, then by mean: a single search value is the best of many draws and inflated by
+    that selection, so a configuration with fewer seeds (its confirmation cut by the budget, failed, or not run
+    yet) is ranked after the ones with more, however high its value."""
+    confirmed = {t.user_attrs.get("source") for t in finished(study, "confirm", complete_only=True)}
+    top = top_trials(study, args.confirm_top if args.confirm_seeds else 1)
+    top += [t for t in finished(study, "search", complete_only=True) if t.number in confirmed and t not in top]
     ranked = []
-    for t in top_trials(study, args.confirm_top if args.confirm_seeds else 1):
+    for t in top:
         values = [t.value, *confirmations(study, t.number).values()]
         mean = sum(values) / len(values)
         spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
         ranked.append(dict(trial=t.number, mean=mean, seeds=len(values), seed_std=spread,
                            se=standard_error(mean, t.user_attrs.get("n_val", 0)), settings=t.user_attrs["settings"]))
-    return sorted(ranked, key=lambda r: -r["mean"])
+    return sorted(ranked, key=lambda r: (-r["seeds"], -r["mean"], r["trial"]))
+
+
+def seeds_text(entry: dict) -> str:
+    return f"{entry['seeds']} seed{'s' * (entry['seeds'] != 1)}"
+
+
+def fewer_seeds_note(ranked: list[dict]) -> str:
+    """Which configurations were ranked after the winner's group for having fewer seeds, or ""."""
+    fewer = [r for r in ranked if r["seeds"] < ranked[0]["seeds"]] if ranked else []
+    if not fewer:
+        return ""
+    names = ", ".join(f"trial {r['trial']} ({seeds_text(r)}, mean {r['mean']:.4f})" for r in fewer)
+    return (f"ranked after the configurations with {seeds_text(ranked[0])}: {names}; a value from fewer seeds is "
+            "the best of the search's draws and inflated by that selection, so it is not compared with confirmed "
+            "means (run the same command again to confirm them)")
 
 
 def noise_note(ranked: list[dict]) -> str:
@@ -651,11 +826,14 @@ def noise_note(ranked: list[dict]) -> str:
     seeds = min(win["seeds"], second["seeds"]) > 1
     seed_se = math.sqrt(win["seed_std"] ** 2 / win["seeds"] + second["seed_std"] ** 2 / second["seeds"])
     noise = max(val_se, seed_se if seeds else 0.0)
-    seed_text = f", the seeds' spread gives {seed_se * 100:.2f}" if seeds else " (one seed each: no seed spread)"
+    single = [f"trial {r['trial']}" for r in (win, second) if r["seeds"] == 1]
+    seed_text = f", the seeds' spread gives {seed_se * 100:.2f}" if seeds else \
+        f" (no seed spread: {' and '.join(single)} {'has' if len(single) == 1 else 'have'} one seed)"
     verdict = f"within noise (less than {SE_MULTIPLE} standard errors): the runner-up may be as good" \
         if lead <= SE_MULTIPLE * noise else f"beyond {SE_MULTIPLE} standard errors"
-    return (f"trial {win['trial']} leads trial {second['trial']} by {lead * 100:.2f} points of val accuracy; the val "
-            f"set's standard error of that difference is {val_se * 100:.2f} points{seed_text}: the lead is {verdict}")
+    return (f"trial {win['trial']} ({seeds_text(win)}) leads trial {second['trial']} ({seeds_text(second)}) by "
+            f"{lead * 100:.2f} points of mean val accuracy; the val set's standard error of that difference is "
+            f"{val_se * 100:.2f} points{seed_text}: the lead is {verdict}")
 
 
 # ---------------------------------------------------------------- outputs
@@ -800,10 +978,11 @@ def finish(search: Search, study) -> int:
               f"{r['seed_std']:.4f} | {short(r['settings'])}")
     config = write_best_config(search, ranked[0]["settings"])
     command = f"python train.py --config {config} --run-name {search.args.name}-final"
-    lines = [noise_note(ranked), "", f"Train the final model ({search.args.final_epochs} epochs):", "",
-             f"```bash\n{command}\n```"]
+    notes = [note for note in (noise_note(ranked), fewer_seeds_note(ranked)) if note]
+    lines = [line for note in notes for line in (note, "")]
+    lines += [f"Train the final model ({search.args.final_epochs} epochs):", "", f"```bash\n{command}\n```"]
     report = write_report(search, study, ranked, lines)
-    print(lines[0])
+    print(*notes, sep="\n")
     print(f"wrote {config} and {report}")
     print(f"train the final model with: {command}")
     return 0
@@ -841,11 +1020,12 @@ def main(argv: list[str] | None = None) -> int:
     budget = check_args(args)
     space = load_space(args.space)
     check_train_args(train_args, space)
-    cfg = fixed_config(args, train_args)
+    cfg = fixed_config(args, train_args, space)
     study_dir = os.path.join(args.output_dir, args.name)
     check_folder_path(study_dir, "study folder")
     os.makedirs(study_dir, exist_ok=True)
     study, storage = open_study(args, study_dir)
+    check_setup(study, args, train_args, space)
     earlier = earlier_trial_seconds(study)
     search = Search(args, train_args, space, cfg, study_dir, started + budget if budget else None, earlier,
                     earlier > 0)

@@ -46,6 +46,9 @@ def test_study_resumes_and_its_winner_trains(data, tmp_path):
     assert "## Winner" in report and "standard error" in report and "best_config.json" in report
     first = {t.number: t.value for t in search_trials(study_dir)}
     assert sorted(first) == [0, 1] and all(0 <= v <= 1 for v in first.values())
+    # the val set's size, for the SE: from history.csv's val_images, not from a console line
+    assert all(t.user_attrs["n_val"] == 12 for t in search_trials(study_dir))
+    assert set(pd.read_csv(study_dir / "trials" / "0000" / "history.csv")["val_images"]) == {12}
     # a new study tries train.py's defaults first, then the plain recipe (its LR 1e-3 lies outside the seed space)
     trial0, trial1 = search_trials(study_dir)
     assert trial0.params == dict(lr=5e-5, weight_decay=0.01, augment="seed", rrc_scale_low=0.08, label_smoothing=0.05,
@@ -194,8 +197,9 @@ def test_prune_warmup_defaults_to_a_third_of_a_trial(data, more, warmup):
 
 def first_points(*argv):
     args, train_args = tune.parse_args(["--data-dir", str(ROOT), "--trials", "1", *argv])
-    search = tune.Search(args=args, train_args=train_args, space=tune.load_space(args.space),
-                         cfg=tune.fixed_config(args, train_args), study_dir="", deadline=None)
+    space = tune.load_space(args.space)
+    search = tune.Search(args=args, train_args=train_args, space=space,
+                         cfg=tune.fixed_config(args, train_args, space), study_dir="", deadline=None)
     return tune.first_points(search)
 
 
@@ -224,3 +228,126 @@ def test_the_confirmation_keeps_back_the_top_configurations_own_times():
     assert tune.confirm_reserve(search, study) == 2 * (40 + 50)
     args.confirm_top = 4  # more places than complete trials: the longest trial stands in for the missing one
     assert tune.confirm_reserve(search, study) == 2 * (40 + 50 + 200 + 200)
+
+
+def study_with(*trials):
+    """An in-memory study of (role, value, extra user attrs) trials, numbered in order."""
+    study = optuna.create_study(direction="maximize")
+    for role, value, extra in trials:
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"role": role, "n_val": 300,
+                                                                           "settings": {}, **extra}))
+    return study
+
+
+def test_an_unconfirmed_configuration_is_ranked_after_the_confirmed_ones():
+    # trial 0 scored 0.90, then 0.86 and 0.87 on its confirmation seeds; trial 1 scored 0.89 once (its confirmation
+    # cut by the budget): 0.89 is a selected maximum, not comparable with trial 0's mean of 0.877
+    study = study_with(("search", 0.90, {}), ("search", 0.89, {}), ("confirm", 0.86, {"source": 0, "seed": 43}),
+                       ("confirm", 0.87, {"source": 0, "seed": 44}))
+    args = type("Args", (), {"confirm_top": 3, "confirm_seeds": 2})()
+    ranked = tune.ranking(study, args)
+    assert [(r["trial"], r["seeds"]) for r in ranked] == [(0, 3), (1, 1)]
+    assert ranked[0]["mean"] == pytest.approx(0.8767, abs=1e-4)
+    note = tune.noise_note(ranked)
+    assert note.startswith("trial 0 (3 seeds) leads trial 1 (1 seed) by -1.33 points of mean val accuracy")
+    assert "(no seed spread: trial 1 has one seed)" in note
+    assert tune.fewer_seeds_note(ranked).startswith("ranked after the configurations with 3 seeds: trial 1 (1 seed, "
+                                                    "mean 0.8900)")
+
+    # another machine adds three higher single values to the shared study: the confirmed trial 0 stays in the
+    # comparison (it is no longer among the top three by single value) and still wins
+    for value in (0.95, 0.94, 0.93):
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"role": "search", "n_val": 300,
+                                                                           "settings": {}}))
+    ranked = tune.ranking(study, args)
+    assert ranked[0]["trial"] == 0 and sorted(r["trial"] for r in ranked[1:]) == [4, 5, 6]
+
+
+def search_of(data, tmp_path, *argv):
+    args, train_args = tune.parse_args(["--data-dir", str(data), "--output-dir", str(tmp_path), "--trials", "1",
+                                        *map(str, argv)])
+    tune.check_args(args)
+    space = tune.load_space(args.space)
+    tune.check_train_args(train_args, space)
+    return tune.Search(args=args, train_args=train_args, space=space, cfg=tune.fixed_config(args, train_args, space),
+                       study_dir=str(tmp_path), deadline=None)
+
+
+def test_epoch_counted_settings_take_the_same_share_of_a_trial(data, tmp_path, capsys):
+    space = write(tmp_path / "space.yaml", "loss: [schedule]\nfocal_start: {int: [20, 40]}\nfocal_full: {int: [50, 60]}")
+    search = search_of(data, tmp_path, "--space", space, "--epochs-per-trial", 10, "--", "--warmup-epochs", 10,
+                       "--ema-start-epoch", 50, "--mixup", 0.2, "--mix-off-epoch", 3, "--t-max", 50)
+    params = {"loss": "schedule", "focal_start": 40, "focal_full": 60}
+    command = tune.trial_command(search, params, "0000", 42, 0)
+    cfg, _, _ = tune.train.parse_args(command[2:])
+    # drawn and shared alike: a tenth of the final 100 epochs (whole numbers rounded, mixing off from epoch 1)
+    assert (cfg.focal_start, cfg.focal_full, cfg.ema_start_epoch, cfg.mix_off_epoch) == (4, 6, 5, 1)
+    assert (cfg.warmup_epochs, cfg.t_max, cfg.epochs) == (1.0, 5.0, 10)
+    assert tune.epoch_plan(search).endswith("take the same share of each 10-epoch trial: --warmup-epochs 10 -> 1, "
+                                            "--t-max 50 -> 5, --ema-start-epoch 50 -> 5, --mix-off-epoch 3 -> 1, "
+                                            "focal_start, focal_full as drawn")
+    # best_config.json holds the values for the final run: what the trial trained with, at full length
+    best = json.loads(open(tune.write_best_config(search, params)).read())
+    assert (best["focal_start"], best["focal_full"], best["warmup_epochs"], best["ema_start_epoch"]) == (40, 60, 10, 50)
+    assert best["epochs"] == 100
+
+    # a space whose focal_start could be drawn after focal_full is refused before any trial
+    bad = write(tmp_path / "bad.yaml", "focal_start: {int: [10, 40]}")
+    code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", 1, "--space", bad], capsys)
+    assert "focal_start can be drawn up to 40, after focal_full 17" in one_line_error(code, err)
+    # and a shared flag that makes trials of different lengths
+    code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", 1, "--", "--patience", 3], capsys)
+    assert "--patience: not in a search: it ends trials at different epochs" in one_line_error(code, err)
+
+
+def test_the_first_trial_leaves_the_confirmation_its_share(data, tmp_path):
+    search = search_of(data, tmp_path, "--confirm-top", 3, "--confirm-seeds", 2)
+    search.deadline = tune.time.monotonic() + 700
+    assert tune.trial_time_limit(search) == pytest.approx(100, abs=1)  # 700 s for it and 6 runs as long
+    search.trial_seconds, search.reserve = 50.0, 300.0  # measured: the search's own share
+    assert tune.trial_time_limit(search) == pytest.approx(400, abs=1)
+
+
+def test_a_study_refuses_a_command_that_would_not_compare(data, tmp_path, capsys):
+    args, train_args = tune.parse_args(["--data-dir", str(data), "--output-dir", str(tmp_path), "--trials", "1",
+                                        "--epochs-per-trial", "3", "--", "--img-size", "32"])
+    tune.check_args(args)
+    os.makedirs(tmp_path / "tune")
+    study, _ = tune.open_study(args, str(tmp_path / "tune"))
+    tune.check_setup(study, args, train_args, tune.load_space(args.space))  # what the first process records
+    tune.check_setup(study, args, train_args, tune.load_space(args.space))  # the same command again: fine
+    common = ["--data-dir", data, "--output-dir", tmp_path, "--trials", 1]
+    for argv, expected in [
+        (["--epochs-per-trial", 5, "--", "--img-size", 32], "was started with --epochs-per-trial 3, this command "
+                                                          "gives --epochs-per-trial 5"),
+        (["--epochs-per-trial", 3, "--", "--img-size", 64], "the shared train.py flags '--img-size 32', this "
+                                                          "command gives '--img-size 64'"),
+        (["--epochs-per-trial", 3, "--space", "wide", "--", "--img-size", 32], "the space's lr: {\"log\": [2e-05, "
+                                                                              "0.0002]}"),
+    ]:
+        code, _, err = run_main(tune.main, [*common, *argv], capsys)
+        assert expected in one_line_error(code, err), err
+    assert not (tmp_path / "tune" / "trials").exists()
+
+
+def test_a_confirmation_run_another_process_holds_is_waited_for_then_run(data, tmp_path, capsys, monkeypatch):
+    """Two processes of one study reach the confirmation together: each run is claimed, never trained twice at
+    once in one folder; one claimed by a process that ends without a result is run after all."""
+    search = search_of(data, tmp_path, "--confirm-top", 1, "--confirm-seeds", 1)
+    study = study_with(("search", 0.8, {}))
+    lock = tmp_path / "locks" / "0000-seed43.lock"
+    os.makedirs(lock.parent)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    trained = []
+    monkeypatch.setattr(tune, "run_training", lambda search, command, run_dir, trial=None: trained.append(run_dir)
+                        or tune.Outcome("complete", 0.7, 1, 1.0, 12))
+    tune.confirm(search, study)
+    out = capsys.readouterr().out
+    assert "confirm 0 seed 43: another process is running it; waiting for it at the end" in out
+    assert holder.wait() == 0 and trained == [str(tmp_path / "trials" / "0000-seed43")]
+    assert tune.confirmations(study, 0) == {43: 0.7}
+    tune.confirm(search, study)  # done: nothing runs again
+    assert len(trained) == 1
