@@ -14,6 +14,7 @@ import gc
 import itertools
 import json
 import os
+import pathlib
 import time
 
 import numpy as np
@@ -102,12 +103,12 @@ def level_args(name, level):
 
 def check_passthrough(train_args, factors):
     """A flag given both to the grid and directly would silently win or lose; refuse it instead."""
+    typed = train.given_settings(train_args)  # train.py's own parser: an abbreviated flag counts too
     for name in [*factors, "run_name"]:  # --seed and --output-dir are ablation.py's own flags
-        flag = "--" + name.replace("_", "-")
-        clash = [a for a in train_args if a.split("=")[0] in (flag, "--no-" + flag[2:])]
-        if clash:
+        if name in typed:
             where = "--grid" if name in factors else "--name"
-            raise UserError(f"{clash[0]}: this setting comes from ablation.py's {where}; drop it from the other flags")
+            raise UserError(f"--{name.replace('_', '-')}: this setting comes from ablation.py's {where}; drop it "
+                            "from the other flags")
 
 
 def plan(args, train_args):
@@ -172,13 +173,25 @@ def test_scores(run, args, train_args):
     data_dir = train.parse_args(run["argv"])[0].data_dir
     labels = read_csv(args.test_labels)
     scores = {}
+    key = prediction_key(os.path.join(run["dir"], "best.pt"), os.path.join(data_dir, "test"))
     for mode in args.test_tta:
         path = os.path.join(run["dir"], f"test_prediction_{mode}.csv")
-        if not os.path.isfile(path):
+        stamp = pathlib.Path(path).with_suffix(".json")  # what the prediction was made from
+        if not (os.path.isfile(path) and stamp.is_file() and stamp.read_text() == key):
             inference.main(["--checkpoint", os.path.join(run["dir"], "best.pt"), "--data-dir", data_dir,
                             "--tta", mode, "--output", path])
+            stamp.write_text(key)
         scores[f"test_acc_{mode}"] = score(read_csv(path), labels)["accuracy"]
     return scores
+
+
+def prediction_key(checkpoint, test_dir):
+    """A cached test prediction stands for best.pt and the test folder as they were (each file's name, size and
+    modification time): a retrained model or a replaced test folder is predicted again."""
+    files = sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in os.scandir(test_dir)
+                   if entry.is_file())
+    model = os.stat(checkpoint)
+    return json.dumps({"checkpoint": [model.st_size, model.st_mtime_ns], "test_files": files})
 
 
 def summarize(run):

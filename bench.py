@@ -37,8 +37,8 @@ from model import build_model, resolve_data
 from plots import confusion_counts, pyplot, save_figure
 from resume import GracefulStop, Progress
 from run import Run
-from runtime import (amp_dtype, autocast, default_workers, native_cpu_bf16, pick_device, precision_name,
-                     seed_everything)
+from runtime import (amp_dtype, autocast, default_workers, emulated_bf16_note, native_cpu_bf16, pick_device,
+                     precision_name, seed_everything)
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, for the MFU column
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -452,6 +452,8 @@ def main(argv=None):
     cfg = resolve_data(Config(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=args.amp,
                               device=args.device, channels_last=not args.no_channels_last, compile=args.compile,
                               workers=-1))
+    if emulated_bf16_note(cfg, device):  # the figures would time emulated bf16: say so, as train.py does
+        print(f"warning: {emulated_bf16_note(cfg, device)}")
     worker_counts = args.workers if args.workers is not None else sorted({0, default_workers(-1)})
     threads = torch.get_num_threads()
     meta = dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()),

@@ -176,6 +176,9 @@ def write_oof(run_dir: str, cfg: Config, val_set: LabelledImages, preds: np.ndar
     """The held-out fold's predictions of the best epoch (centre crop), for the out-of-fold accuracy."""
     if len(preds) != len(val_set.samples):
         print("warning: some held-out images were unreadable; oof.csv is not written for this fold")
+        stale = os.path.join(run_dir, "oof.csv")  # an earlier best epoch's: not this best.pt's predictions
+        if os.path.exists(stale):
+            os.remove(stale)
         return
     pd.DataFrame({"image": [os.path.relpath(p, cfg.data_dir) for p, _ in val_set.samples],
                   "label": [classes[t] for _, t in val_set.samples],

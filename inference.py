@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--report", nargs="?", const="", default=None, metavar="DIR",
                    help="with --val-dir: write the model report (per-class precision/recall/F1, confused pairs, "
                         "most confident mistakes, calibration, accuracy per TTA mode) to DIR (default: report/ "
-                        "beside the checkpoint); the test folder is then optional")
+                        "beside the checkpoint, or inside the folder given as --checkpoint); the test folder is "
+                        "then optional")
     p.add_argument("--sweep-eval-size", type=int, nargs="+", default=[], metavar="SIZE",
                    help="with --val-dir: also report the val accuracy at each of these crop sizes, to find the best "
                         "test resolution for a model trained at another one")
@@ -309,6 +310,13 @@ def val_accuracy(members, classes, val_dir, args, device, mode):
     return float((probs.argmax(1) == np.array(targets)).mean()), len(targets)
 
 
+def default_report_dir(checkpoints):
+    """report/ beside the checkpoint, or inside the folder an ensemble was given as (checkpoints/cv/report: the
+    folder's own, removed with it by --overwrite, not the output folder that other ensembles share)."""
+    first = os.path.abspath(checkpoints[0])
+    return os.path.join(first if os.path.isdir(first) else os.path.dirname(first), "report")
+
+
 def model_report(members, classes, val_dir, args, device):
     """Every TTA mode on the val folder, then report.py's files for the chosen one."""
     probs_by_mode = {}
@@ -319,7 +327,7 @@ def model_report(members, classes, val_dir, args, device):
     # the readable images in loader order: an unreadable one comes back as the message "<path>: <reason>"
     paths = [path for path, _ in LabelledImages(val_dir, classes, None).samples
              if not any(m.startswith(path + ": ") for m in bad)]
-    out = args.report or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint[0])), "report")
+    out = args.report or default_report_dir(args.checkpoint)
     first = members[0]
     title = f"{first.path} ({first.cfg.arch}, {first.source} weights)" if len(members) == 1 else f"ensemble of {len(members)} models"
     if distributed.is_main():

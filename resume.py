@@ -183,12 +183,12 @@ def resumed_config(saved: dict[str, Any], given: dict[str, Any],
 # ---------------------------------------------------------------- files
 
 # what a run writes into its folder (inference.py --report adds report/, --all-folds the fold<i>/ runs, ablation.py
-# --test-labels the test predictions of its best.pt): a new run
+# --test-labels the test predictions of its best.pt and what they were made from): a new run
 # with --overwrite removes all of it first, so that nothing of the old run can be resumed, pruned, ensembled or
 # counted in place of the new run's
 RUN_FILES = ["last.pt", "best.pt", "epoch-*.pt", ".tmp-*.pt", "config.json", "history.csv", "curves.png",
              "confusion_matrix.png", "confusion_matrix.csv", "folds.csv", "val_split.csv", "oof.csv",
-             "skipped_images.txt", "test_prediction_*.csv",
+             "skipped_images.txt", "test_prediction_*",
              "*.tmp.png", "tensorboard", "report", "fold[0-9]*"]
 
 

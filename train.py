@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start again in a run folder that already holds a run: first remove the earlier run's "
                            "files there (last.pt, best.pt, epoch-*.pt, config.json, history.csv, curves.png, "
                            "confusion_matrix.png/.csv, folds.csv, val_split.csv, oof.csv, skipped_images.txt, "
-                           "ablation.py's test_prediction_*.csv, tensorboard/, report/, fold<i>/) and name them; "
+                           "ablation.py's test_prediction_*, tensorboard/, report/, fold<i>/) and name them; "
                            "other files stay")
     data.add_argument("--config", metavar="FILE",
                       help="read settings from a JSON or YAML file of 'name: value' lines, the names being these "
@@ -222,6 +222,12 @@ def clear_old_run(run_dir, clear):
     inference, epoch copies, oof.csv) can pass for the new run's. The first process decides and removes; the others
     wait for it."""
     old = distributed.from_main(run_files(run_dir) if distributed.is_main() else None)
+    # --resume auto without last.pt may clear only a start that saved nothing worth keeping
+    kept = [name for name in old if name == "best.pt" or name.startswith("epoch-")] if clear != "--overwrite" else []
+    if kept and clear:
+        raise UserError(f"{run_dir} holds {short_names(kept)} but no last.pt to continue from (deleted, or never "
+                        "written): pass --resume with one of its epoch-NNN.pt, or --overwrite to start the run "
+                        "again (its files go), or choose another --run-name")
     if old and not clear:
         raise UserError(f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to start it "
                         f"again, or choose another --run-name (it holds {short_names(old)})")
@@ -291,7 +297,6 @@ def open_run(cfg, args, given):
         if args.resume:
             print(f"no checkpoint in {os.path.join(cfg.output_dir, cfg.run_name)} yet: starting the run")
         cfg = new_run_config(cfg)
-        # --resume auto without last.pt: what the folder holds is a start that saved nothing to continue from
         clear = "--overwrite" if args.overwrite else "--resume auto found no last.pt" if args.resume else None
         return cfg, new_run_dir(cfg, clear), None
     ckpt = load_resumable(path)

@@ -78,11 +78,11 @@ SPECIAL = {"augment": ["seed", "light", "ta_wide", "rand-m9", "augmix", "imagene
 # set by tune.py for every trial, or meaningless in a search
 RESERVED = {"data_dir", "output_dir", "run_name", "epochs", "seed", "time_limit", "all_folds", "rrc_scale", "aug",
             "auto_augment", "tensorboard"}
-RESERVED_FLAGS = ["--epochs", "--seed", "--run-name", "--output-dir", "--time-limit", "--resume", "--overwrite",
-                  "--find-lr", "--check-data", "--all-folds", "--data-dir"]
-# shared flags that would make trials of different lengths: a trial stopped early by --patience "completes" with
+RESERVED_FIELDS = {"epochs", "seed", "run_name", "output_dir", "time_limit", "all_folds", "data_dir"}  # and
+# train.py's --resume, --overwrite, --find-lr, --check-data
+# shared settings that would make trials of different lengths: a trial stopped early by --patience "completes" with
 # fewer epochs than the others it is compared with
-UNFAIR_FLAGS = {"--patience": "it ends trials at different epochs, which the pruner and the ranking then compare; "
+UNFAIR_FLAGS = {"patience": "it ends trials at different epochs, which the pruner and the ranking then compare; "
                               "give it to the final run (train.py --config best_config.json --patience N)"}
 # train.py's settings counted in epochs. A space or a shared flag gives them for the final run (--final-epochs), as
 # best_config.json keeps them, and each trial gets the same share of its own --epochs-per-trial: a 5-epoch trial of
@@ -263,18 +263,30 @@ def short(params: dict) -> str:
 # ---------------------------------------------------------------- the study
 
 def check_train_args(train_args, space):
-    """A reserved flag, or a flag the space also sets, would be silently overridden: refuse it instead."""
-    searched = [("--" + n.replace("_", "-")) for n in space] + [
-        "--aug", "--auto-augment"] * ("augment" in space) + ["--rrc-scale"] * ("rrc_scale_low" in space)
-    for arg in train_args:
-        flag = arg.split("=")[0]
-        plain = "--" + flag[5:] if flag.startswith("--no-") else flag
-        if plain in RESERVED_FLAGS:
-            raise UserError(f"{arg}: tune.py sets this for every trial (see python tune.py --help)")
-        if plain in UNFAIR_FLAGS:
-            raise UserError(f"{arg}: not in a search: {UNFAIR_FLAGS[plain]}")
-        if plain in searched:
-            raise UserError(f"{arg}: the search space varies this setting; drop it, or fix it in a --space file")
+    """A reserved flag, or a flag the space also sets, would be silently overridden: refuse it instead. The flags
+    are read by train.py's own parser, so an abbreviation (--pati) or a --config file's setting is caught too."""
+    typed = train.given_settings(train_args)
+    filed = {k: v for k, v in train.given_settings(train.with_config_file(list(train_args))).items() if k not in typed}
+    others = vars(train.build_parser().parse_args(list(train_args)))
+    searched = {*space, *(("aug", "auto_augment") if "augment" in space else ()),
+                *(("rrc_scale",) if "rrc_scale_low" in space else ())}
+    defaults = dataclasses.asdict(Config())
+    for name in [*typed, *filed]:
+        flag, where = "--" + name.replace("_", "-"), " (from the --config file)" if name in filed else ""
+        # a file's --epochs, --seed, ... come before tune.py's own flags, which win; these two would not be set
+        if name in RESERVED_FIELDS and (name in typed or name in ("time_limit", "all_folds") and
+                                        filed[name] != defaults[name]):
+            raise UserError(f"{flag}{where}: tune.py sets this for every trial (see python tune.py --help)")
+        if name in UNFAIR_FLAGS:
+            raise UserError(f"{flag}{where}: not in a search: {UNFAIR_FLAGS[name]}")
+        if name in searched:
+            raise UserError(f"{flag}{where}: the search space varies this setting; drop it, or fix it in a --space "
+                            "file")
+    for name, value in {"resume": others["resume"], "overwrite": others["overwrite"], "find_lr": others["find_lr"],
+                        "check_data": others["check_data"]}.items():
+        if value:
+            raise UserError(f"--{name.replace('_', '-')}: tune.py sets this for every trial (see python tune.py "
+                            "--help)")
 
 
 def fixed_config(args, train_args, space) -> Config:
@@ -323,16 +335,21 @@ def open_study(args, study_dir):
     return study, url
 
 
-def check_setup(study, args, train_args, space) -> None:
+def check_setup(study, args, cfg: Config, space) -> None:
     """A study's trials compare only when they ran alike: the first process records what the study was started
-    with (trial length, the final length the epoch-counted settings are scaled from, the shared flags, the space),
-    and a later command that differs is refused, naming the difference."""
+    with (trial length, the final length the epoch-counted settings are scaled from, the shared train.py settings as
+    train.py's parser read them, the space), and a later command that differs is refused, naming the difference.
+    The data folder is not compared: machines sharing a study may keep the data at other paths."""
+    defaults = dataclasses.asdict(Config())
+    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "data_dir" and v != defaults[k]}
     setup = json.loads(json.dumps({"--epochs-per-trial": args.epochs_per_trial, "--final-epochs": args.final_epochs,
-                                   "shared train.py flags": train_args, "space": space}))
-    saved = study.user_attrs.get("setup")
-    if saved is None:
+                                   "shared train.py settings": shared, "space": space}))
+    if study.user_attrs.get("setup") is None:
+        if started(study):
+            print(f"warning: study {args.name} was started before tune.py recorded its settings: from now on it "
+                  "takes this command's")
         study.set_user_attr("setup", setup)
-        return
+    saved = study.user_attrs.get("setup")  # read back: another process may have recorded its own first
     for key, value in setup.items():
         if saved.get(key) != value:
             raise UserError(f"study {args.name} was started with {setup_difference(key, saved.get(key), value)}: its "
@@ -341,16 +358,15 @@ def check_setup(study, args, train_args, space) -> None:
 
 
 def setup_difference(key, saved, given) -> str:
-    """'<what the study has>, this command gives <what differs>', naming only the space's settings that differ."""
-    if key == "space":
-        saved, given = saved or {}, given or {}
+    """'<what the study has>, this command gives <what differs>', naming only the settings that differ."""
+    if isinstance(given, dict):
+        saved = saved or {}
         names = [n for n in dict.fromkeys([*saved, *given]) if saved.get(n) != given.get(n)]
-        def show(space):
-            return "; ".join(f"{n}: {json.dumps(space[n])}" if n in space else f"no {n}" for n in names)
-        return f"the space's {show(saved)}, this command's space gives {show(given)}"
-    if key == "shared train.py flags":
-        return (f"the shared train.py flags '{' '.join(saved or []) or '(none)'}', this command gives "
-                f"'{' '.join(given) or '(none)'}'")
+
+        def show(values):
+            return "; ".join(f"{n} {json.dumps(values[n])}" if n in values else f"no {n}" for n in names)
+        label = "the space's" if key == "space" else f"the {key}"
+        return f"{label} {show(saved)}, this command's {show(given)}"
     return f"{key} {saved}, this command gives {key} {given}"
 
 
@@ -950,6 +966,7 @@ def write_report(search: Search, study, ranked: list[dict], lines: list[str]) ->
     ranking_table = pd.DataFrame([{"trial": r["trial"], "mean val acc": r["mean"], "± SE": r["se"],
                                    "seeds": r["seeds"], "seed std": r["seed_std"], "settings": short(r["settings"])}
                                   for r in ranked])
+    ranking_table.to_csv(os.path.join(out, "ranking.csv"), index=False)  # the winner first
     text = [f"# Recipe search `{args.name}`", "",
             f"Data `{args.data_dir}`, space `{args.space}`, {args.epochs_per_trial} epochs per trial, shared train.py "
             f"flags `{' '.join(search.train_args) or '(none)'}`. Trials: "
@@ -1025,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
     check_folder_path(study_dir, "study folder")
     os.makedirs(study_dir, exist_ok=True)
     study, storage = open_study(args, study_dir)
-    check_setup(study, args, train_args, space)
+    check_setup(study, args, cfg, space)
     earlier = earlier_trial_seconds(study)
     search = Search(args, train_args, space, cfg, study_dir, started + budget if budget else None, earlier,
                     earlier > 0)

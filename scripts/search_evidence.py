@@ -18,6 +18,7 @@ The table (markdown) is printed and written to <out>/summary.md, the numbers to 
 every run's test accuracy to <out>/summary.png.
 """
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -101,17 +102,13 @@ def search(data, out, budget, trial_epochs, epochs, model):
                     "confirm_runs": int((trials["role"] != "search").sum())}
 
 
-def fitting_epochs(out, config, wall):
+def fitting_epochs(out, wall):
     """A first guess at the epochs of the searched recipe that fit in the plain script's wall time, from the
     winner's own runs in the search (their start-up counts once per epoch here, so it errs on the short side)."""
-    with open(config) as f:
-        cfg = json.load(f)
     trials = pd.read_csv(os.path.join(out, "search", "trials.csv"))
-    sys.path.insert(0, ROOT)
-    from config import Config
-    lr, wd = cfg.get("lr", Config().lr), cfg.get("weight_decay", Config().weight_decay)  # left out when the default
-    key = f"lr {lr:.3g} wd {wd:.3g} "  # the space's first two settings, as trials.csv shows them
-    runs = trials[trials["settings"].str.startswith(key) & (trials["state"] == "complete")]
+    winner = int(pd.read_csv(os.path.join(out, "search", "ranking.csv"))["trial"][0])
+    own = (trials["trial"] == winner) | trials["role"].str.startswith(f"confirm of {winner} ")
+    runs = trials[own & (trials["state"] == "complete")]
     return max(1, int(wall * runs["epochs"].sum() / runs["seconds"].sum()))
 
 
@@ -157,15 +154,19 @@ def one_dataset(name, args):
         flags = [*model, "--epochs", str(epochs), *limit, str(seed)]
         rows.append({"recipe": "defaults", "seed": seed, **ours(data, out, f"defaults-{seed}", flags)})
     config, info = search(data, out, budget, trial_epochs, epochs, model)
-    fitting = min(epochs, fitting_epochs(out, config, wall))
+    fitting = min(epochs, fitting_epochs(out, wall))
+    # runs are cached by name: the winner's own settings are part of it, so a search run again names new runs
+    with open(config, "rb") as f:
+        recipe = hashlib.sha1(f.read()).hexdigest()[:8]
     searched = {}
     for seed in seeds:
         flags = ["--config", config, "--epochs", str(fitting), *limit, str(seed)]
-        searched[seed] = ours(data, out, f"searched-e{fitting}-{seed}", flags)
+        searched[seed] = ours(data, out, f"searched-{recipe}-e{fitting}-{seed}", flags)
         if seed == seeds[0]:  # the first run times the recipe itself: the epochs that really fit, for every seed
             fitting = refit_epochs(fitting, searched[seed], wall, epochs)
             if fitting != searched[seed]["epochs"]:
-                searched[seed] = ours(data, out, f"searched-e{fitting}-{seed}", [*flags[:3], str(fitting), *flags[4:]])
+                searched[seed] = ours(data, out, f"searched-{recipe}-e{fitting}-{seed}",
+                                      [*flags[:3], str(fitting), *flags[4:]])
     rows += [{"recipe": "searched", "seed": seed, **result} for seed, result in searched.items()]
     with open(config) as f:
         shown = {k: v for k, v in json.load(f).items() if k not in ("data_dir", "output_dir", "run_name", "epochs")}

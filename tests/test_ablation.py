@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -73,6 +74,7 @@ def test_main_effects_on_a_crafted_summary():
     (["--grid", "ema=maybe,off"], "levels are on and off"),
     (["--grid", "ema"], "FIELD=LEVEL1,LEVEL2"),
     (["--loss", "ce"], "comes from ablation.py's --grid"),
+    (["--los", "ce"], "--loss: this setting comes from ablation.py's --grid"),  # abbreviated, as argparse takes it
     (["--run-name", "x"], "--name"),
     (["--test-tta", "flip-crops"], "it needs --test-labels"),
 ])
@@ -95,7 +97,10 @@ def test_a_validation_pass_leaves_the_training_random_stream_alone():
 def test_test_labels_add_test_accuracy_per_tta_mode(tmp_path, capsys):
     """Each run's best.pt predicts the flat test folder once per mode; the summary carries those accuracies."""
     labels = os.path.join(SAMPLE, "test_labels.csv")
-    argv = [*ARGS, "--output-dir", tmp_path, "--grid", "ema=off", "--test-labels", labels, "--test-tta", "none", "flip"]
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data)
+    argv = [*ARGS, "--data-dir", data, "--output-dir", tmp_path, "--grid", "ema=off", "--test-labels", labels,
+            "--test-tta", "none", "flip"]
     code, out, _ = run_main(ablation.main, argv, capsys)
     assert code == 0
     grid = tmp_path / "ablation"
@@ -114,9 +119,19 @@ def test_test_labels_add_test_accuracy_per_tta_mode(tmp_path, capsys):
     assert code == 0 and "already done, kept" not in out
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
     fresh = tmp_path / "fresh.csv"
-    code, _, _ = run_main(inference.main, ["--checkpoint", run_dir / "best.pt", "--data-dir", SAMPLE, "--tta", "none",
+    code, _, _ = run_main(inference.main, ["--checkpoint", run_dir / "best.pt", "--data-dir", data, "--tta", "none",
                                            "--output", fresh], capsys)
     assert code == 0
     kept = pd.read_csv(run_dir / "test_prediction_none.csv", dtype=str)
     assert kept.equals(pd.read_csv(fresh, dtype=str))
     assert os.path.getmtime(run_dir / "test_prediction_none.csv") > os.path.getmtime(run_dir / "best.pt")
+
+    # kept as long as the model and the test folder are; a test image rewritten since is predicted again
+    before = os.path.getmtime(run_dir / "test_prediction_none.csv")
+    code, out, _ = run_main(ablation.main, [*argv, "--epochs", 2], capsys)
+    assert code == 0 and "already done, kept" in out
+    assert os.path.getmtime(run_dir / "test_prediction_none.csv") == before
+    os.utime(data / "test" / sorted(os.listdir(data / "test"))[0])
+    code, out, _ = run_main(ablation.main, [*argv, "--epochs", 2], capsys)
+    assert code == 0 and "already done, kept" in out
+    assert os.path.getmtime(run_dir / "test_prediction_none.csv") > before

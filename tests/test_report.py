@@ -132,3 +132,13 @@ def test_help_documents_the_new_flags(capsys):
                         (inference.main, ["--report"]), (train.main, ["--tensorboard"])]:
         code, out, _ = run_main(main, ["--help"], capsys)
         assert code == 0 and all(flag in out for flag in flags), out
+
+
+def test_the_default_report_folder_belongs_to_the_checkpoint_given(tmp_path):
+    os.makedirs(tmp_path / "cv" / "fold0")
+    (tmp_path / "cv" / "fold0" / "best.pt").write_bytes(b"")
+    # a file: report/ beside it; a folder (an ensemble of the best.pt below it): report/ inside that folder, not in
+    # the output folder that other ensembles share
+    assert inference.default_report_dir([str(tmp_path / "cv" / "fold0" / "best.pt")]) == str(tmp_path / "cv" / "fold0"
+                                                                                            / "report")
+    assert inference.default_report_dir([str(tmp_path / "cv")]) == str(tmp_path / "cv" / "report")

@@ -226,19 +226,22 @@ def test_overwrite_leaves_nothing_of_the_earlier_run(trained_run, tmp_path, caps
 
 
 def test_resume_auto_starts_a_run_whose_start_saved_no_last_pt(trained_run, tmp_path, capsys):
-    # a start killed before its first last.pt (kill -9, a crash; or after epoch 1 when --save-share skipped it)
-    # leaves config.json, history.csv and best.pt: nothing to continue from, and --resume auto was asked
+    # a start killed before its first save (kill -9, a crash) leaves config.json and the split files: nothing to
+    # continue from, and --resume auto was asked; a folder with a best.pt or epoch copies is kept, and said so
     run_dir = tmp_path / "crashed"
     os.makedirs(run_dir)
-    for name in ("config.json", "history.csv", "best.pt"):
+    for name in ("config.json", "best.pt"):
         shutil.copy(trained_run[0] / name, run_dir / name)
     argv = ["--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "crashed", *TINY, "--epochs", 1,
             "--resume", "auto"]
+    message = error_line(*run_main(train.main, argv, capsys)[::2])
+    assert f"{run_dir} holds best.pt but no last.pt to continue from" in message and "pass --resume auto" not in \
+        message
+    os.remove(run_dir / "best.pt")
     code, out, err = run_main(train.main, argv, capsys)
     assert code == 0, err
     assert f"no checkpoint in {run_dir} yet: starting the run" in out
-    assert f"--resume auto found no last.pt: removed the earlier run's best.pt, config.json, history.csv from " \
-           f"{run_dir}" in out
+    assert f"--resume auto found no last.pt: removed the earlier run's config.json from {run_dir}" in out
     assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1] and (run_dir / "last.pt").exists()
 
 

@@ -38,7 +38,8 @@ def test_study_resumes_and_its_winner_trains(data, tmp_path):
     assert [line.split(" |")[0] for line in lines if " epochs | " in line][:2] == ["trial 0", "trial 1"]
     assert any(line.startswith("confirm ") and "seed 43 |" in line and "| complete |" in line for line in lines)
     assert "train the final model with: python train.py --config" in proc.stdout
-    for name in ("best_config.json", "report.md", "history.png", "curves.png", "trials.csv", "study.db"):
+    for name in ("best_config.json", "report.md", "history.png", "curves.png", "trials.csv", "ranking.csv",
+                 "study.db"):
         assert (study_dir / name).is_file(), name
     assert len(list((study_dir / "trials").glob("*/history.csv"))) == 3  # kept: their .pt files are deleted
     assert not list((study_dir / "trials").glob("*/*.pt"))
@@ -149,8 +150,12 @@ def write(path, text):
     (["--trials", "1", "--storage", "nosuchdb://x"], "--storage nosuchdb://x: cannot open it"),
     (["--trials", "1", "--", "--epochs", "3"], "--epochs: tune.py sets this for every trial"),
     (["--trials", "1", "--", "--lr", "0.1"], "--lr: the search space varies this setting"),
+    (["--trials", "1", "--", "--pati", "3"], "--patience: not in a search"),  # abbreviated, as argparse takes it
+    (["--trials", "1", "--", "--config", "{config}"], "--lr (from the --config file): the search space varies"),
 ])
 def test_one_line_errors(argv, expected, data, capsys, tmp_path):
+    config = write(tmp_path / "base.json", '{"lr": 0.001, "epochs": 30}')  # a file's epochs: tune.py's win
+    argv = [a.format(config=config) for a in argv]
     code, _, err = run_main(tune.main, ["--data-dir", data, "--output-dir", tmp_path, *argv], capsys)
     assert one_line_error(code, err).startswith("error: " + expected)
 
@@ -312,22 +317,27 @@ def test_a_study_refuses_a_command_that_would_not_compare(data, tmp_path, capsys
     args, train_args = tune.parse_args(["--data-dir", str(data), "--output-dir", str(tmp_path), "--trials", "1",
                                         "--epochs-per-trial", "3", "--", "--img-size", "32"])
     tune.check_args(args)
+    space = tune.load_space(args.space)
+    cfg = tune.fixed_config(args, train_args, space)
     os.makedirs(tmp_path / "tune")
     study, _ = tune.open_study(args, str(tmp_path / "tune"))
-    tune.check_setup(study, args, train_args, tune.load_space(args.space))  # what the first process records
-    tune.check_setup(study, args, train_args, tune.load_space(args.space))  # the same command again: fine
+    tune.check_setup(study, args, cfg, space)  # what the first process records
+    tune.check_setup(study, args, cfg, space)  # the same command again: fine
     common = ["--data-dir", data, "--output-dir", tmp_path, "--trials", 1]
+    same_size = write(tmp_path / "size.json", '{"img_size": 32}')
     for argv, expected in [
         (["--epochs-per-trial", 5, "--", "--img-size", 32], "was started with --epochs-per-trial 3, this command "
                                                           "gives --epochs-per-trial 5"),
-        (["--epochs-per-trial", 3, "--", "--img-size", 64], "the shared train.py flags '--img-size 32', this "
-                                                          "command gives '--img-size 64'"),
-        (["--epochs-per-trial", 3, "--space", "wide", "--", "--img-size", 32], "the space's lr: {\"log\": [2e-05, "
+        (["--epochs-per-trial", 3, "--", "--img-size", 64], "the shared train.py settings img_size 32, this "
+                                                          "command's img_size 64"),
+        (["--epochs-per-trial", 3, "--space", "wide", "--", "--img-size", 32], "the space's lr {\"log\": [2e-05, "
                                                                               "0.0002]}"),
     ]:
         code, _, err = run_main(tune.main, [*common, *argv], capsys)
         assert expected in one_line_error(code, err), err
     assert not (tmp_path / "tune" / "trials").exists()
+    # the settings as train.py reads them: the same size from a --config file is the same study
+    assert tune.check_setup(study, args, tune.fixed_config(args, ["--config", str(same_size)], space), space) is None
 
 
 def test_a_confirmation_run_another_process_holds_is_waited_for_then_run(data, tmp_path, capsys, monkeypatch):
