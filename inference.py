@@ -77,8 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--report", nargs="?", const="", default=None, metavar="DIR",
                    help="with --val-dir: write the model report (per-class precision/recall/F1, confused pairs, "
                         "most confident mistakes, calibration, accuracy per TTA mode) to DIR (default: report/ "
-                        "beside the checkpoint, or inside the folder given as --checkpoint); the test folder is "
-                        "then optional")
+                        "beside the checkpoint, or in the folder given as --checkpoint); no test folder needed")
     p.add_argument("--sweep-eval-size", type=int, nargs="+", default=[], metavar="SIZE",
                    help="with --val-dir: also report the val accuracy at each of these crop sizes, to find the best "
                         "test resolution for a model trained at another one")

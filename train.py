@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     return config_from_args(args), args, given_settings(argv)
 
 
-def with_config_file(argv):
+def with_config_file(argv: list[str]) -> list[str]:
     """argv after the settings of --config FILE, as flags: the parser checks them like typed ones, and the flags
     typed on the command line, which come after them, win."""
     probe = argparse.ArgumentParser(add_help=False)
@@ -117,7 +117,7 @@ def with_config_file(argv):
     return config_file_args(read_config_file(path), path) + argv if path else argv
 
 
-def given_settings(argv):
+def given_settings(argv: list[str]) -> dict[str, Any]:
     """{field: value} of the config flags typed on the command line; a resumed run checks them against its own."""
     probe = build_parser()
     probe.set_defaults(**{f.name: dataclasses.MISSING for f in dataclasses.fields(Config)})
