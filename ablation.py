@@ -24,9 +24,11 @@ import torch
 import inference
 import train
 from config import Config
-from scripts.score import read_csv, score
 from errors import UserError, check_folder_path, run_cli
+from history import better_weights, epoch_acc
 from plots import draw_confusion, markdown_table, pyplot, save_figure
+from scripts.score import read_csv, score
+import predict
 
 DEFAULT_GRID = ["ema=on,off", "loss=schedule,ce"]
 RESERVED = {"seed", "output_dir", "run_name"}  # set by ablation.py itself for every run
@@ -57,7 +59,7 @@ def parse_args(argv=None):
                    help="image_name,label of the flat test folder (<data-dir>/test): each run's best.pt then "
                         "predicts it and the summary adds its test accuracy per --test-tta mode; selection stays "
                         "on val")
-    p.add_argument("--test-tta", nargs="+", choices=inference.TTA_MODES, default=["none", "flip"],
+    p.add_argument("--test-tta", nargs="+", choices=predict.TTA_MODES, default=["none", "flip"],
                    help="TTA modes scored on the test folder (default: %(default)s)")
     args, train_args = p.parse_known_args(argv)
     if args.repeats < 1:
@@ -199,7 +201,7 @@ def summarize(run):
     history = pd.read_csv(os.path.join(run["dir"], "history.csv"))
     raw = history["val_acc"]
     ema = history["val_acc_ema"] if "val_acc_ema" in history else pd.Series(np.nan, index=history.index)
-    chosen = pd.concat([raw, ema], axis=1).max(axis=1)  # train.py keeps whichever of raw/EMA is higher
+    chosen = history.apply(epoch_acc, axis=1)  # the weights train.py keeps, raw or EMA
     best = int(chosen.idxmax())
     with open(os.path.join(run["dir"], DONE_FILE)) as f:
         wall = json.load(f)["wall_seconds"]
@@ -207,7 +209,7 @@ def summarize(run):
             "best_val_acc": chosen[best], "best_val_acc_raw": raw.max(), "best_val_acc_ema": ema.max(),
             "final_val_loss": history["val_loss"].iloc[-1],
             "final_val_loss_ema": history["val_loss_ema"].iloc[-1] if "val_loss_ema" in history else np.nan,
-            "best_epoch": int(history["epoch"][best]), "best_weights": "ema" if ema[best] > raw[best] else "raw",
+            "best_epoch": int(history["epoch"][best]), "best_weights": better_weights(raw[best], ema[best]),
             "train_val_gap": history["train_acc"][best] - chosen[best], "epochs": len(history),
             "wall_seconds": wall}
 

@@ -15,7 +15,9 @@ kernels within a level or two of 255, the device form against its tensor kernels
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import cv2
@@ -23,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.functional import _get_inverse_affine_matrix
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import make_grid
 
 from errors import UserError
+from images import load_rgb
 
 # One image is too small a job to split across threads: the loader's workers are the parallelism, and OpenCV's own
 # threads in each of them would only compete for the same cores.
@@ -383,3 +387,65 @@ def random_erasing(x: torch.Tensor, p: float) -> torch.Tensor:
         if h:
             x[i, :, top:top + h, left:left + w] = 0.0
     return x
+
+
+def eval_crop(cfg: Config) -> int:
+    """The evaluation centre-crop size: --eval-size, or the train crop size."""
+    return cfg.eval_size or cfg.img_size
+
+
+def eval_sizes(img_size: int, crop_ratio: float) -> tuple[int, int]:
+    """(resize, crop): the short side is resized to crop/ratio, then the centre crop is taken (256 -> 224)."""
+    return int(round(img_size / crop_ratio)), img_size
+
+
+def eval_transform(img_size: int, crop_ratio: float, interpolation: str = "bilinear") -> v2.Compose:
+    """Resize the short side and centre-crop a square of that side; the model's centre crop is taken per batch.
+
+    Keeping the larger square lets test-time augmentation cut its other views from the same decoded tensor.
+    """
+    resize, _ = eval_sizes(img_size, crop_ratio)
+    return v2.Compose([v2.Resize(resize, interpolation=interpolation_mode(interpolation), antialias=True),
+                       v2.CenterCrop(resize), v2.PILToTensor()])
+
+
+def center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = batch.shape[-2:]
+    if size > min(h, w):  # negative offsets would slice a sliver, which a network classifies all the same
+        raise ValueError(f"centre crop of {size} px from {h}x{w} images: the crop must fit inside")
+    top, left = (h - size) // 2, (w - size) // 2
+    return batch[..., top:top + size, left:left + size]
+
+
+def preview_picks(targets, count):
+    """Indices of `count` samples spread over the classes: the first image of each class, then the second, ..."""
+    by_class = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    picks, rank = [], 0
+    while len(picks) < count and any(rank < len(v) for v in by_class.values()):
+        picks += [v[rank] for v in by_class.values() if rank < len(v)][:count - len(picks)]
+        rank += 1
+    return picks
+
+
+def preview_grid(samples: Sequence[tuple[str, int]], cfg: Config, images: int = 8, views: int = 5,
+                 padding: int = 2) -> torch.Tensor:
+    """uint8 (3, H, W) grid of (path, class index) samples: one row per image (spread over the classes), its
+    evaluation view first, then `views` draws of the train pipeline. cfg: the run's resolved settings.
+
+    Random erasing is drawn here as the training loop draws it (per image, filled with the mean colour). The global
+    torch RNG is left as it was, so that a preview inside a training run does not change the run.
+    """
+    # the whole list per image, as on CPU: on CUDA the same colour steps run per batch, with the same distribution
+    augment = train_transform(dataclasses.replace(cfg, augment_on="loader"))
+    evaluate = eval_transform(cfg.img_size, cfg.eval_crop_ratio, cfg.interpolation)
+    erase = v2.RandomErasing(p=cfg.erasing, value=[round(255 * m) for m in cfg.mean])
+    tiles = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for i in preview_picks([target for _, target in samples], images):
+            img = load_rgb(samples[i][0])
+            tiles.append(center_crop(evaluate(img), cfg.img_size))
+            tiles += [erase(augment(img)) if cfg.erasing > 0 else augment(img) for _ in range(views)]
+    return make_grid(torch.stack(tiles), nrow=1 + views, padding=padding, pad_value=255)

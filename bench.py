@@ -25,20 +25,20 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import train
+import engine
+from augment import BatchAugment, eval_sizes, eval_transform, torchvision_geometry, train_transform
+from batches import collate_skipping_bad, loader_options, normalisation, to_float_batch
 from config import Config
-from augment import BatchAugment, torchvision_geometry, train_transform
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, LabelledImages, build_train_val, collate_skipping_bad, eval_sizes,
-                     eval_transform, loader_options, to_float_batch)
+from dataset import LabelledImages, build_train_val
 from errors import run_cli
-from inference import TTA_MODES, predict_probs
 from losses import TrainLoss
-from model import build_model, resolve_data
+from model import IMAGENET_MEAN, IMAGENET_STD, build_model, resolve_data
 from plots import confusion_counts, pyplot, save_figure
-from resume import GracefulStop, Progress
-from run import Run
-from runtime import (amp_dtype, autocast, default_workers, emulated_bf16_note, native_cpu_bf16, pick_device,
-                     precision_name, seed_everything)
+from predict import TTA_MODES, predict_probs
+from run import Progress, Run
+from stopping import GracefulStop
+from utils import (amp_dtype, autocast, default_workers, emulated_bf16_note, native_cpu_bf16, pick_device,
+                   precision_name, seed_everything)
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, for the MFU column
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -184,7 +184,7 @@ def input_rates(cfg, data_dir, workers, images, repeats, device):
         loader = torch.utils.data.DataLoader(subset(ours_set, images), batch_size=cfg.batch_size,
                                              **loader_options(workers, device))
         for batch, _, _ in loader:
-            to_float_batch(batch, device, cfg.erasing, augment, cfg.channels_last)
+            to_float_batch(batch, device, normalisation(cfg), cfg.erasing, augment, cfg.channels_last)
 
     def seed():
         loader = torch.utils.data.DataLoader(subset(seed_set, images), batch_size=cfg.batch_size,
@@ -209,7 +209,7 @@ def make_step(arch, cfg, device, seed_style):
         dtype = torch.float16 if device.type == "cuda" else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is not None)
-        x = to_float_batch(images, device)  # the seed normalised in the loader: not part of its step
+        x = to_float_batch(images, device, normalisation(cfg))  # the seed normalised in the loader: not in its step
 
         def step():
             optimizer.zero_grad()
@@ -220,10 +220,10 @@ def make_step(arch, cfg, device, seed_style):
             scaler.update()
             loss.item()
         return step, model, dtype
-    train.setup_backends(cfg, device)
-    model = train.prepare_model(model, cfg, device)
+    engine.setup_backends(cfg, device)
+    model = engine.prepare_model(model, cfg, device)
     dtype = amp_dtype(cfg, device)
-    run = Run(cfg=cfg, model=model, device=device, dtype=dtype, optimizer=train.build_optimizer(model, cfg),
+    run = Run(cfg=cfg, model=model, device=device, dtype=dtype, optimizer=engine.build_optimizer(model, cfg),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), criterion=criterion)
     augment = BatchAugment.from_config(cfg)
     micro = cfg.batch_size // cfg.accum_steps
@@ -231,7 +231,7 @@ def make_step(arch, cfg, device, seed_style):
                 targets[i:i + micro]) for i in range(0, cfg.batch_size, micro)]
 
     def step():
-        train.train_step(run, batches, epoch=0, augment=augment)
+        engine.train_step(run, batches, epoch=0, augment=augment)
     return step, model, dtype
 
 
@@ -325,7 +325,7 @@ def seed_epoch(cfg, data_dir, device):
     with torch.no_grad():
         for x, y, _ in val_loader:
             with autocast(device, dtype):
-                preds.append(model(to_float_batch(x, device)).argmax(1).cpu())
+                preds.append(model(to_float_batch(x, device, normalisation(cfg))).argmax(1).cpu())
             targets.append(y)
     with tempfile.TemporaryDirectory() as tmp:
         seed_heatmap(torch.cat(targets).numpy(), torch.cat(preds).numpy(), classes, os.path.join(tmp, "cm.png"))
@@ -339,22 +339,22 @@ def our_epoch(cfg, data_dir, device):
     the whole-epoch time leaves them out, as the seed's epoch has none)."""
     cfg = dataclasses.replace(cfg, data_dir=data_dir, epochs=1)
     train_set, val_set, classes = build_train_val(cfg)
-    train.setup_backends(cfg, device)
-    model = train.prepare_model(build_model(cfg.arch, len(classes), "none", cfg.head, cfg.head_dropout), cfg, device)
+    engine.setup_backends(cfg, device)
+    model = engine.prepare_model(build_model(cfg.arch, len(classes), "none", cfg.head, cfg.head_dropout), cfg, device)
     dtype = amp_dtype(cfg, device)
-    train_loader, val_loader, _ = train.make_loaders(cfg, train_set, val_set, device)
-    optimizer = train.build_optimizer(model, cfg)
+    train_loader, val_loader, _ = engine.make_loaders(cfg, train_set, val_set, device)
+    optimizer = engine.build_optimizer(model, cfg)
     progress = Progress()
     with tempfile.TemporaryDirectory() as run_dir, GracefulStop() as stop:
         run = Run(cfg=cfg, model=model, device=device, dtype=dtype, optimizer=optimizer,
-                  scheduler=train.build_scheduler(optimizer, cfg, len(train_loader)),
+                  scheduler=engine.build_scheduler(optimizer, cfg, len(train_loader)),
                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                   criterion=TrainLoss(cfg, None), run_dir=run_dir)  # save_every_steps 0: no checkpoint written
         warm_up = random_batch(cfg, len(classes))
-        warm_up_seconds = timed(lambda: [train.train_step(run, [warm_up], epoch=0) for _ in range(2)], device)
-        train_seconds = timed(lambda: train.train_one_epoch(run, train_loader, epoch=0, progress=progress, stop=stop),
+        warm_up_seconds = timed(lambda: [engine.train_step(run, [warm_up], epoch=0) for _ in range(2)], device)
+        train_seconds = timed(lambda: engine.train_one_epoch(run, train_loader, epoch=0, progress=progress, stop=stop),
                               device)
-    train.evaluate(model, val_loader, run)
+    engine.evaluate(model, val_loader, run)
     return progress.seen, train_seconds, warm_up_seconds
 
 
@@ -368,13 +368,13 @@ def bare_step(cfg, num_classes, device):
     """The least a training step can do with our model, batch size, image size, memory format, precision and
     optimiser: forward, cross-entropy, backward and AdamW on one float batch already on the device, with no loader,
     augmentation, loss bookkeeping or host synchronisation."""
-    model = train.prepare_model(build_model(cfg.arch, num_classes, "none", cfg.head, cfg.head_dropout), cfg, device)
+    model = engine.prepare_model(build_model(cfg.arch, num_classes, "none", cfg.head, cfg.head_dropout), cfg, device)
     model.train()
-    optimizer = train.build_optimizer(model, cfg)
+    optimizer = engine.build_optimizer(model, cfg)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     images, targets = random_batch(cfg, num_classes)
-    x = to_float_batch(images, device, channels_last=cfg.channels_last)
+    x = to_float_batch(images, device, normalisation(cfg), channels_last=cfg.channels_last)
     y = targets.to(device)
 
     def step():

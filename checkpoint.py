@@ -1,4 +1,5 @@
-"""The checkpoint format: what best.pt and last.pt hold, how they are written, and the one way they are read.
+"""The checkpoint format: what best.pt and last.pt hold, how they are written, the one way they are read, and how
+a last.pt is loaded back into a run.
 
 Both are plain dicts of tensors and Python types, written atomically (save_atomic) and read with
 torch.load(weights_only=True): a file carrying pickled code is refused.
@@ -29,16 +30,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import Any
 
 import torch
 
+import distributed
 from errors import UserError
-from runtime import rng_state
-
-if TYPE_CHECKING:
-    from resume import Progress
-    from run import Run
+from run import Progress, Run
+from utils import rank_rng_states, restore_rng, rng_state
 
 
 def save_atomic(obj: object, path: str) -> None:
@@ -173,3 +173,47 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} holds no state_dict of tensors")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}, info
+
+
+def restore_training_state(ckpt: dict[str, Any], run: Run, replay_steps: int | None = None) -> None:
+    """Load a last.pt (training_checkpoint) into a freshly built run.Run: weights, EMA, optimiser, scheduler, grad
+    scaler and the random generators (its Progress is Progress(**ckpt["progress"])).
+
+    replay_steps: the schedule changed on resume (--allow-schedule-change): instead of loading the old scheduler,
+    step the new one that many times, and keep the new optimiser hyper-parameters (lr, weight decay).
+    """
+    run.plain.load_state_dict(ckpt["model"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(ckpt["ema"])
+        run.ema.n_averaged.fill_(ckpt["ema_updates"])
+    optimizer, scheduler = run.optimizer, run.scheduler
+    if replay_steps is None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+            for _ in range(replay_steps):
+                scheduler.step()
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, new in zip(optimizer.param_groups, settings):
+            group.update(new)
+    restore_scaler(run.scaler, ckpt["scaler"])
+    restore_rng(ckpt)  # last: building the objects above drew random numbers
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Load the fp16 loss scale. A run that trained without fp16 (CPU, bf16, --amp off) saved a disabled scaler's
+    empty state: resumed on a GPU that computes in fp16, the scaler starts at its initial scale instead."""
+    if not state and scaler.is_enabled():
+        print("the run trained without fp16 loss scaling: the fp16 loss scale starts afresh")
+        return
+    scaler.load_state_dict(state)
+
+
+def save_last(run: Run, progress: Progress) -> None:
+    """last.pt, written by rank 0 with every process's random generators (all processes call this together)."""
+    rngs = rank_rng_states()
+    if distributed.is_main():
+        save_atomic(training_checkpoint(run, progress, rngs), os.path.join(run.run_dir, "last.pt"))

@@ -518,3 +518,13 @@ def check_config(cfg: Config) -> list[str]:
     check_ranges(cfg)
     check_schedule(cfg)
     return [f"{name} has no effect in this run: {why}" for name, why in unused_settings(cfg)] + schedule_notes(cfg)
+
+
+def require_resolved(cfg: Config, who: str) -> Config:
+    """The data code takes the run's input settings as values: the model fills them in once (model.resolve_data),
+    and a config that still leaves them to the model is a programming error here, not a user's mistake."""
+    if not (cfg.img_size and cfg.eval_crop_ratio and cfg.mean and cfg.std and cfg.interpolation):
+        raise ValueError(f"{who} takes resolved input settings (model.resolve_data first); got img_size "
+                         f"{cfg.img_size}, eval_crop_ratio {cfg.eval_crop_ratio}, mean {cfg.mean}, std {cfg.std}, "
+                         f"interpolation {cfg.interpolation!r}")
+    return cfg

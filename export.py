@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataset import eval_crop, eval_sizes, normalisation
+from augment import eval_crop, eval_sizes
+from batches import normalisation
 from errors import UserError
 
 FORMATS = {".onnx": "ONNX", ".pt": "TorchScript"}

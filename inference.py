@@ -25,21 +25,20 @@ import os
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from config import Config, config_from_dict
-from dataset import FlatImages, LabelledImages, center_crop, eval_crop, eval_transform, eval_sizes, find_classes, \
-    loader_options, normalisation, to_float_batch
+from augment import eval_crop, eval_sizes, eval_transform
+from batches import loader_options
 from checkpoint import load_checkpoint, select_weights
+from config import config_from_dict
+from dataset import FlatImages, LabelledImages, find_classes
 from errors import UserError, check_folder_path, run_cli
 from export import export_members
-from model import build_model, data_summary, resolve_data, short_list
+from model import build_model, data_summary, resolve_data
+from predict import TTA_MODES, predict_probs
 from report import Labelled, write_report
-from runtime import amp_dtype, autocast, default_workers, native_bf16, pick_device, precision_name
-
-TTA_MODES = ["none", "flip", "flip-crops"]
+from utils import amp_dtype, default_workers, native_bf16, pick_device, precision_name, short_list
 
 # one checkpoint of the ensemble, ready to predict: its model (on the device, in eval mode), its config with the
 # test-time sizes, which weights it holds ("raw" or "ema"), its file and its number of classes
@@ -197,34 +196,6 @@ def load_members(args, device):
 
 
 # ---------------------------------------------------------------- test-time augmentation
-
-def tta_views(square, img_size, mode, interpolation="bilinear"):
-    """Fixed views of a batch of resized squares (N,3,R,R): the centre crop first, always."""
-    center = center_crop(square, img_size)
-    if mode == "none":
-        return [center]
-    views = [center, center.flip(-1)]
-    if mode == "flip-crops":
-        whole = F.interpolate(square, size=(img_size, img_size), mode=interpolation or "bilinear",
-                              antialias=True, align_corners=False)
-        r = square.shape[-1]
-        corners = [square[..., :img_size, :img_size], square[..., :img_size, r - img_size:],
-                   square[..., r - img_size:, :img_size], square[..., r - img_size:, r - img_size:]]
-        views += [whole, whole.flip(-1)] + corners
-    return views
-
-
-@torch.no_grad()
-def predict_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.device, cfg: Config,
-                  mode: str) -> torch.Tensor:
-    """Softmax averaged over the TTA views, all views of the batch in one forward pass, at the config's evaluation
-    size, normalisation and precision."""
-    x = to_float_batch(images, device, channels_last=device.type == "cuda", norm=normalisation(cfg))
-    views = tta_views(x, eval_crop(cfg), mode, cfg.interpolation)
-    with autocast(device, amp_dtype(cfg, device)):
-        logits = model(torch.cat(views))
-    probs = logits.float().softmax(1).view(len(views), len(images), -1)
-    return probs.mean(0).cpu()
 
 
 def run_loader(member, loader, mode, desc, device, skip_bad=False):

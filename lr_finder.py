@@ -31,7 +31,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from tqdm import tqdm
 import distributed
 from augment import BatchAugment
 from config import Config
+from engine import Loaders, micro_batch_groups, train_step
 from errors import UserError
 from finetune import set_backbone_frozen
 from plots import pyplot, save_figure
@@ -95,17 +96,16 @@ def finder_run(cfg: Config, args: argparse.Namespace) -> tuple[Config, str, None
     return cfg, scratch, None
 
 
-def find_lr(run: Run, loaders: Any, train_step: Callable[..., tuple[float, float, float]], args: argparse.Namespace,
-            argv: Sequence[str] | None) -> int:
-    """Sweep, restore, plot, suggest. loaders: train.Loaders (the training loader and its epoch sampler);
-    train_step: train.train_step, the very step the training runs; argv: the command line, for the command
-    printed at the end. Returns the exit code."""
+def find_lr(run: Run, loaders: Loaders, args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Sweep, restore, plot, suggest, with the very step the training runs (engine.train_step). loaders: the run's
+    (the training loader and its epoch sampler); argv: the command line, for the command printed at the end.
+    Returns the exit code."""
     steps_per_epoch = len(loaders.train) // run.cfg.accum_steps
     n = args.lr_find_steps or min(AUTO_STEPS[1], max(AUTO_STEPS[0], steps_per_epoch))
     lrs = np.geomspace(*args.lr_find_range, n)
     saved = snapshot(run)
     try:
-        losses = sweep(run, batch_groups(loaders, run.cfg.accum_steps), train_step, lrs)
+        losses = sweep(run, batch_groups(loaders, run.cfg.accum_steps), lrs)
     finally:
         restore(run, saved)
     lrs, losses = finite_points(lrs[:len(losses)], losses)
@@ -141,26 +141,23 @@ def restore(run: Run, saved: dict[str, Any]) -> None:
         parts[key].load_state_dict(state)
 
 
-def batch_groups(loaders: Any, accum_steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The training batches, one optimiser step's micro-batches at a time, epoch after epoch in the run's own
-    shuffled orders (a sweep may be longer than an epoch on a small dataset)."""
+def batch_groups(loaders: Loaders, accum_steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The training batches, one optimiser step's micro-batches at a time as the training groups them
+    (engine.micro_batch_groups), epoch after epoch in the run's own shuffled orders (a sweep may be longer than an
+    epoch on a small dataset)."""
     for epoch in itertools.count():
         loaders.sampler.start_epoch(epoch)
-        group, steps = [], 0
-        for images, targets, _ in loaders.train:  # unreadable images were left out before training
-            if len(images):
-                group.append((images, targets))
-            if len(group) == accum_steps:
+        steps = 0
+        for group in micro_batch_groups(loaders.train, accum_steps):
+            group = [(images, targets) for images, targets, _ in group if len(images)]  # unreadable images: left out
+            if group:
+                steps += 1
                 yield group
-                group, steps = [], steps + 1
-        if group:  # as the training does: the epoch's last step may have fewer micro-batches
-            yield group
-        elif not steps:
+        if not steps:
             raise UserError("the training loader gave no batch: no readable training images")
 
 
-def sweep(run: Run, groups: Iterator[list[tuple[torch.Tensor, torch.Tensor]]],
-          train_step: Callable[..., tuple[float, float, float]], lrs: np.ndarray) -> list[float]:
+def sweep(run: Run, groups: Iterator[list[tuple[torch.Tensor, torch.Tensor]]], lrs: np.ndarray) -> list[float]:
     """One training step at each LR in turn; the loss of every step taken, up to the one where it diverged."""
     cfg = run.cfg
     ratios = [g.get("initial_lr", g["lr"]) / cfg.lr for g in run.optimizer.param_groups]

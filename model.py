@@ -16,19 +16,18 @@ import dataclasses
 import fnmatch
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision import models
 
-from torch.optim.swa_utils import AveragedModel
-
 import timm_backbone
 from checkpoint import read_state_dict
 from config import Config
 from errors import UserError
+from utils import short_list
 
 ARCHS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -137,11 +136,6 @@ def load_weights_file(model: nn.Module, path: str, arch: str, classes: Sequence[
     elif not same_classes:
         print(f"loaded the {arch} backbone from {path}; its head was trained on other classes "
               f"({short_list(theirs)} vs {short_list(classes)}), so the head starts fresh")
-
-
-def short_list(names: Iterable[str], n: int = 5) -> str:
-    names = list(names)
-    return f"{len(names)} classes: {', '.join(names[:n])}{', ...' if len(names) > n else ''}"
 
 
 def is_weights_file(weights: str) -> bool:
@@ -333,12 +327,3 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP, torch.compile or AveragedModel wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, AveragedModel)):
-            model = model.module
-        else:
-            return model

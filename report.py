@@ -16,8 +16,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from dataset import load_rgb
 from errors import UserError, run_cli
+from images import load_rgb
 from plots import confusion_counts, markdown_table, pyplot, save_figure
 
 TOP_PAIRS = 20

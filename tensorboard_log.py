@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from dataset import preview_grid
+from augment import preview_grid
 from errors import UserError
 
 # history columns grouped into TensorBoard sections; any other numeric column lands in "other/"
@@ -29,7 +29,7 @@ class Board:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         # the first training images with their evaluation view in the first column: what the augmentation does
-        self.writer.add_image("augmentation", preview_grid(train_set, cfg, images=8, views=7), 0)
+        self.writer.add_image("augmentation", preview_grid(train_set.samples, cfg, images=8, views=7), 0)
         self.writer.flush()
 
     def log_epoch(self, row, confusion_png=None):

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import ablation
+import dataset
+import engine
 import inference
 import train
 from conftest import SAMPLE, TINY, one_line_error, run_main
@@ -87,8 +89,8 @@ def test_grid_mistakes_are_one_line_before_any_training(tmp_path, capsys, argv, 
 def test_a_validation_pass_leaves_the_training_random_stream_alone():
     """So that EMA on/off runs train identically and differ only in the extra EMA evaluation."""
     cfg = train.parse_args(["--data-dir", SAMPLE, *TINY])[0]
-    train_set, val_set, _ = train.build_train_val(cfg)
-    val_loader = train.make_loaders(cfg, train_set, val_set, torch.device("cpu"))[1]
+    train_set, val_set, _ = dataset.build_train_val(cfg)
+    val_loader = engine.make_loaders(cfg, train_set, val_set, torch.device("cpu"))[1]
     state = torch.get_rng_state()
     assert sum(len(y) for _, y, _ in val_loader) == len(val_set)
     assert torch.equal(state, torch.get_rng_state())

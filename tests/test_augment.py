@@ -16,9 +16,12 @@ import augment
 import bench
 from augment import (BatchAugment, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, draw_params,
                      erasing_boxes, gaussian_blur, luma, torchvision_geometry, train_transform)
+from batches import collate_skipping_bad, to_float_batch
 from config import Config
 from conftest import SAMPLE
-from dataset import IMAGENET_MEAN, IMAGENET_STD, collate_skipping_bad, to_float_batch
+from model import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def per_image(fn, x, factors):
@@ -197,7 +200,7 @@ def test_train_transform_gives_uint8_crops_and_batches_normalise():
     out = train_transform(cfg)(img)
     assert out.dtype == torch.uint8 and out.shape == (3, 48, 48)
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    x = to_float_batch(batch, torch.device("cpu"))
+    x = to_float_batch(batch, torch.device("cpu"), IMAGENET)
     expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
     assert x[0, :, 0, 0].tolist() == pytest.approx(expected, rel=1e-5)
 
@@ -214,20 +217,20 @@ def test_loader_batches_are_channels_last_and_normalise_as_contiguous_ones():
     for channels_last in (True, False):
         for erasing in (0.0, 0.7):
             torch.manual_seed(1)
-            ours = to_float_batch(batch, torch.device("cpu"), erasing, channels_last=channels_last)
+            ours = to_float_batch(batch, torch.device("cpu"), IMAGENET, erasing, channels_last=channels_last)
             torch.manual_seed(1)
-            theirs = to_float_batch(plain, torch.device("cpu"), erasing, channels_last=channels_last)
+            theirs = to_float_batch(plain, torch.device("cpu"), IMAGENET, erasing, channels_last=channels_last)
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
             assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     expected = (plain / 255 - mean) / std
-    torch.testing.assert_close(to_float_batch(batch, torch.device("cpu")), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(to_float_batch(batch, torch.device("cpu"), IMAGENET), expected, atol=1e-5, rtol=0)
 
 
 def test_random_erasing_draws_per_image():
     torch.manual_seed(0)
     batch = torch.full((16, 3, 32, 32), 128, dtype=torch.uint8)
-    x = to_float_batch(batch, torch.device("cpu"), erasing=0.5)
-    reference = to_float_batch(batch[:1], torch.device("cpu"))[0]
+    x = to_float_batch(batch, torch.device("cpu"), IMAGENET, erasing=0.5)
+    reference = to_float_batch(batch[:1], torch.device("cpu"), IMAGENET)[0]
     erased = [not torch.equal(img, reference) for img in x]
     assert 0 < sum(erased) < 16  # some images erased, others not: one draw each

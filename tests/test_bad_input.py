@@ -14,8 +14,8 @@ import inference
 import train
 import tune
 from conftest import SAMPLE, TINY, error_line, one_line_error, run_main
-from dataset import BadImage, load_rgb
 from errors import UserError, run_cli
+from images import BadImage, load_rgb
 from model import build_model
 
 BROKEN = ["truncated.jpg", "zero bytes.jpg", "not an image.png"]

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from config import Config
 import inference
+import predict
 import train
+from augment import center_crop
+from config import Config
 from conftest import SAMPLE, TINY, one_line_error, run_main, run_script
-from dataset import center_crop
 from inference import write_predictions
 from losses import TrainLoss, cross_entropy
 
@@ -197,7 +198,7 @@ def test_an_eval_crop_larger_than_its_image_is_refused(trained_run, tmp_path, ca
 
 def test_flip_crops_views_are_the_ones_the_help_names():
     square = torch.arange(2 * 3 * 40 * 40, dtype=torch.float32).view(2, 3, 40, 40)
-    views = inference.tta_views(square, 32, "flip-crops")
+    views = predict.tta_views(square, 32, "flip-crops")
     assert len(views) == 8  # centre, its mirror, whole, its mirror, four corners as they are
     assert torch.equal(views[1], views[0].flip(-1)) and torch.equal(views[3], views[2].flip(-1))
     corners = [square[..., :32, :32], square[..., :32, 8:], square[..., 8:, :32], square[..., 8:, 8:]]

@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 
 from config import Config
-from dataset import IMAGE_EXTENSIONS, BadImage, FlatImages, build_train_val, find_classes, load_rgb, to_rgb
+from dataset import FlatImages, build_train_val, find_classes
 from errors import UserError
+from images import IMAGE_EXTENSIONS, BadImage, load_rgb, to_rgb
 
 
 def save(path, img):
@@ -51,9 +52,11 @@ def test_exif_rotation_is_applied(tmp_path):
 
 def test_plain_jpegs_decode_to_the_pixels_of_pil_and_every_other_file_is_left_to_pil(tmp_path):
     import torch
+
     from augment import train_transform
     from conftest import SAMPLE
-    from dataset import LabelledImages, plain_jpeg_rgb
+    from dataset import LabelledImages
+    from images import plain_jpeg_rgb
     photo = Image.open(os.path.join(SAMPLE, "train", "3", sorted(os.listdir(os.path.join(SAMPLE, "train", "3")))[0]))
     photo = photo.convert("RGB").resize((96, 80))
     exif = Image.Exif()

@@ -11,13 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
+import engine
 import inference
 import train
+from batches import collate_skipping_bad
+from config import config_from_dict
 from conftest import ROOT, SAMPLE, TIMING_COLUMNS, TINY, run_main, wait_for
-from dataset import build_train_val, collate_skipping_bad
+from dataset import build_train_val
 from model import build_model
 from run import Run
-from config import config_from_dict
 
 # 2 processes x 16 images: 9 steps per epoch on the 300 sample images; the LR is scaled to 2 x 1e-3. In float32
 # (--amp off): evaluation under torchrun equals one process's bit for bit only there; under bf16 autocast (--amp
@@ -67,7 +69,7 @@ def test_two_process_run_evaluates_exactly_like_one_process(ddp_run):
     loader = torch.utils.data.DataLoader(val_set, batch_size=64, collate_fn=collate_skipping_bad)
     for key, column in [("model", "val_acc"), ("ema", "val_acc_ema")]:
         model.load_state_dict(ckpt[key])
-        val = train.evaluate(model, loader, Run(cfg=cfg, model=model, device=torch.device("cpu")))
+        val = engine.evaluate(model, loader, Run(cfg=cfg, model=model, device=torch.device("cpu")))
         assert len(val["targets"]) == len(val_set) == 100
         assert val["acc"] == history[column].iloc[1], key
         assert np.isclose(val["loss"], history[column.replace("acc", "loss")].iloc[1], rtol=1e-4)
@@ -170,7 +172,7 @@ import distributed
 import train
 from config import Config
 from augment import erasing_boxes
-from runtime import seed_everything, seed_rank_streams
+from utils import seed_everything, seed_rank_streams
 
 distributed.setup(torch.device("cpu"))
 seed_everything(42)

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from ema import make_ema
+from utils import make_ema
 
 
 def small_model():

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import inference
+import predict
+from augment import center_crop, eval_transform
 from conftest import SAMPLE, one_line_error, run_main, run_script
-from dataset import FlatImages, center_crop, eval_transform
+from dataset import FlatImages
 from export import loaded_metadata, quiet_exporters
 
 CPU = torch.device("cpu")
@@ -30,7 +32,7 @@ def sample_test_crops(crop, resize, ratio):
 def float32_probs(model, squares, cfg, tta):
     """inference.py's probabilities from the float32 model, which the exported file holds: the tiny run's --amp auto
     predicts in bf16 on a CPU with AMX or AVX512-BF16, off by about 1e-3 from float32."""
-    return inference.predict_probs(model, squares, CPU, dataclasses.replace(cfg, amp="off"), tta).numpy()
+    return predict.predict_probs(model, squares, CPU, dataclasses.replace(cfg, amp="off"), tta).numpy()
 
 
 def run_exported(path, crops):

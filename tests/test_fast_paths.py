@@ -11,15 +11,16 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 import bench
+import engine
 import train
+from augment import BatchAugment
 from config import Config
 from conftest import SAMPLE, TINY, run_main
-from augment import BatchAugment
-from dataset import cache_file, load_cached, load_rgb
+from images import cache_file, load_cached, load_rgb
 from losses import TrainLoss
 from model import build_model
 from run import Run
-from runtime import native_cpu_bf16
+from utils import native_cpu_bf16
 
 CPU = torch.device("cpu")
 
@@ -42,11 +43,11 @@ def test_accumulated_micro_batches_give_the_step_of_one_batch(split):
     bounds = np.cumsum([0] + split)
     batches = [(images[a:b], targets[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     run = Run(cfg=cfg, model=model, device=CPU, optimizer=optimizer, scaler=scaler, criterion=criterion)
-    loss, correct, n = train.train_step(run, batches, epoch=0)
+    loss, correct, n = engine.train_step(run, batches, epoch=0)
     reference = tiny_net()
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     ref_run = Run(cfg=cfg, model=reference, device=CPU, optimizer=ref_opt, scaler=scaler, criterion=criterion)
-    ref_loss, _, _ = train.train_step(ref_run, [(images, targets)], epoch=0)
+    ref_loss, _, _ = engine.train_step(ref_run, [(images, targets)], epoch=0)
     assert n == 8 and float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
@@ -182,6 +183,6 @@ def test_cuda_accumulation_matches_one_batch():
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         run = Run(cfg=cfg, model=model, device=device, optimizer=optimizer, scaler=scaler,
                   criterion=TrainLoss(cfg, None))
-        train.train_step(run, batches, epoch=0)
+        engine.train_step(run, batches, epoch=0)
     for p, q in zip(*[m.parameters() for m in models]):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import lr_finder
 import train
 from config import Config
 from conftest import SAMPLE, TINY, one_line_error, run_main
 from dataset import build_train_val
+from run import Progress
 
 CPU = torch.device("cpu")
 
@@ -38,18 +40,19 @@ def tiny_finder_run(tmp_path):
     argv = ["--data-dir", SAMPLE, *TINY, "--find-lr", "--lr-find-steps", "6", "--lr-find-range", "1e-4", "1",
             "--lr-find-plot", str(tmp_path / "sweep.png")]
     cfg, args, given = train.parse_args(argv)
-    cfg, run_dir, _ = train.open_run(cfg, args, given)
+    opened = train.open_run(cfg, args, given)
+    cfg = opened.cfg
     datasets = build_train_val(cfg)
     model = train.new_model(cfg, datasets[2], None)
-    train_set, val_set, _ = train.load_data(cfg, datasets, run_dir, None, False)
-    loaders = train.make_loaders(cfg, train_set, val_set, CPU)
-    run = train.build_run(cfg, model, CPU, train_set, len(loaders.train), run_dir)
+    train_set, val_set = train.load_data(opened, datasets, Progress(), False)
+    loaders = engine.make_loaders(cfg, train_set, val_set, CPU)
+    run = engine.build_run(cfg, model, CPU, train_set, len(loaders.train), opened.run_dir)
     return run, loaders, args, argv
 
 
-def test_sweep_trains_then_restores_weights_and_optimiser(tmp_path, capsys):
+def test_sweep_trains_then_restores_weights_and_optimiser(tmp_path, capsys, monkeypatch):
     run, loaders, args, argv = tiny_finder_run(tmp_path)
-    train.train_step(run, next(lr_finder.batch_groups(loaders, 1)), 0)  # the optimiser now holds moments
+    engine.train_step(run, next(lr_finder.batch_groups(loaders, 1)), 0)  # the optimiser now holds moments
     state = lambda: copy.deepcopy([run.plain.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict(),
                                    run.scaler.state_dict()])
     before, lrs, moved = state(), [], []
@@ -57,11 +60,12 @@ def test_sweep_trains_then_restores_weights_and_optimiser(tmp_path, capsys):
 
     def step(run, group, epoch, augment):
         lrs.append(run.optimizer.param_groups[0]["lr"])
-        result = train.train_step(run, group, epoch, augment)
+        result = engine.train_step(run, group, epoch, augment)
         moved.append(not torch.equal(next(run.plain.parameters()), first))
         return result
 
-    assert lr_finder.find_lr(run, loaders, step, args, argv) == 0
+    monkeypatch.setattr(lr_finder, "train_step", step)  # the engine's step, watched
+    assert lr_finder.find_lr(run, loaders, args, argv) == 0
     assert_same(state(), before)
     assert len(lrs) == 6 and all(moved)  # the sweep did train, on the real step
     ratios = np.array(lrs[1:]) / np.array(lrs[:-1])

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import inference
+from augment import center_crop, eval_transform
 from conftest import SAMPLE, TINY, one_line_error, run_main, run_script
-from dataset import FlatImages, center_crop, eval_transform
+from dataset import FlatImages
 from export import loaded_metadata
 
 

@@ -10,17 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
 import inference
 import train
+from augment import train_transform
 from config import Config
 from conftest import TINY, copy_sample, one_line_error, run_main
-from augment import train_transform
 from dataset import build_train_val
+from errors import UserError
 from finetune import param_groups
 from folds import assign_folds
 from losses import TrainLoss
 from mix import build_mixer, count_correct
-from errors import UserError
 from model import build_model
 
 CLASSES = ["0", "1", "2"]
@@ -143,8 +144,8 @@ def test_layer_decay_groups_have_the_expected_learning_rates():
 def test_every_group_anneals_in_proportion_to_its_learning_rate():
     model = build_model("resnet18", 3, weights="none", head="linear")
     cfg = Config(lr=1e-3, min_lr=1e-4, layer_decay=0.1, epochs=2)
-    optimizer = train.build_optimizer(model, cfg)
-    scheduler = train.build_scheduler(optimizer, cfg, steps_per_epoch=5)
+    optimizer = engine.build_optimizer(model, cfg)
+    scheduler = engine.build_scheduler(optimizer, cfg, steps_per_epoch=5)
     start = {g["stage"]: g["lr"] for g in optimizer.param_groups}
     for _ in range(10):
         optimizer.step()
@@ -234,7 +235,7 @@ def test_folds_keep_their_assignment_when_the_file_list_changes(small_data, tmp_
         held_out = set(pd.read_csv(tmp_path / "cv" / f"fold{i}" / "oof.csv", dtype=str)["image"])
         gone = [] if i == 0 else [split["image"][5]]  # fold 0 predicted its fold before the image was removed
         assert held_out == set(split["image"][split["fold"] == str(i)]) - set(gone)
-    assert out.count(f"warning: 1 image(s) are not in ") == 3 and f"never held out: {added}" in out
+    assert out.count("warning: 1 image(s) are not in ") == 3 and f"never held out: {added}" in out
     assert out.count("warning: 1 image(s) of ") == 3 and "are no longer in the data" in out
     assert "out-of-fold accuracy" in out
 

@@ -7,12 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
+import augment
+import augment_preview
+import images
 import inference
+import predict
 import train
 from conftest import SAMPLE, TINY, run_main
-from report import Labelled, calibration, confused_pairs, per_class_table, write_report
 from plots import confusion_counts
+from report import Labelled, calibration, confused_pairs, per_class_table, write_report
 
 CLASSES = ["a", "b", "c"]
 # (true, predicted, confidence); by hand: confusion [[2,0,0],[1,1,0],[0,1,1]]
@@ -76,7 +79,7 @@ def test_inference_report_on_a_trained_run(trained_run, tmp_path, capsys):
     per_class = pd.read_csv(out / "per_class.csv", dtype={"class": str})
     assert per_class["class"].tolist() == [str(i) for i in range(10)] and (per_class["support"] == 10).all()
     tta = pd.read_csv(out / "tta.csv")
-    assert tta["tta"].tolist() == inference.TTA_MODES
+    assert tta["tta"].tolist() == predict.TTA_MODES
     for mode, acc in zip(tta["tta"], tta["accuracy"]):
         assert f"val accuracy with TTA {mode:10s}: {acc:.4f}" in stdout
     # recall averaged with the class sizes (all 10 here) is the accuracy of the analysed mode (flip)
@@ -88,15 +91,15 @@ def test_inference_report_on_a_trained_run(trained_run, tmp_path, capsys):
 def test_preview_grid_size_and_views(tmp_path, capsys):
     out = tmp_path / "preview.png"
     state = torch.get_rng_state()
-    code, stdout, err = run_main(dataset.main, ["--preview", os.path.join(SAMPLE, "train"), "--img-size", 32,
+    code, stdout, err = run_main(augment_preview.main, ["--preview", os.path.join(SAMPLE, "train"), "--img-size", 32,
                                                 "--images", 4, "--views", 3, "--output", out], capsys)
     assert code == 0, err
     assert torch.equal(state, torch.get_rng_state())  # a preview inside training leaves its random stream alone
     grid = np.asarray(Image.open(out))
     assert grid.shape == (4 * 34 + 2, 4 * 34 + 2, 3)  # 4 rows x (original + 3 views) of 32px tiles, 2px padding
-    first = dataset.load_rgb(os.path.join(SAMPLE, "train", "0", sorted(os.listdir(os.path.join(SAMPLE, "train",
+    first = images.load_rgb(os.path.join(SAMPLE, "train", "0", sorted(os.listdir(os.path.join(SAMPLE, "train",
                                                                                               "0")))[0]))
-    original = dataset.center_crop(dataset.eval_transform(32, 0.875)(first), 32).permute(1, 2, 0).numpy()
+    original = augment.center_crop(augment.eval_transform(32, 0.875)(first), 32).permute(1, 2, 0).numpy()
     assert np.array_equal(grid[2:34, 2:34], original)
     assert not np.array_equal(grid[2:34, 36:68], original)
 
@@ -128,7 +131,7 @@ def test_tensorboard_missing_is_one_line(tmp_path, capsys, monkeypatch):
 def test_help_documents_the_new_flags(capsys):
     import ablation
     for main, flags in [(ablation.main, ["--grid", "--repeats", "--seed", "--name", "--output-dir"]),
-                        (dataset.main, ["--preview", "--output", "--images", "--views", "--img-size", "--erasing"]),
+                        (augment_preview.main, ["--preview", "--output", "--images", "--views", "--img-size", "--erasing"]),
                         (inference.main, ["--report"]), (train.main, ["--tensorboard"])]:
         code, out, _ = run_main(main, ["--help"], capsys)
         assert code == 0 and all(flag in out for flag in flags), out

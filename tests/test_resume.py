@@ -12,14 +12,17 @@ import pandas as pd
 import pytest
 import torch
 
+import engine
+import losses
 import train
-from conftest import ROOT, SAMPLE, TIMING_COLUMNS, TINY, error_line, run_main, wait_for
+from checkpoint import restore_training_state, training_checkpoint
 from config import Config
+from conftest import ROOT, SAMPLE, TIMING_COLUMNS, TINY, error_line, run_main, wait_for
+from engine import EpochSampler
 from model import build_model
-from checkpoint import training_checkpoint
-from ema import make_ema
-from resume import EpochSampler, keep_epoch_copy, remove_stale_temp_files, restore_training_state
 from run import Run
+from run_folder import keep_epoch_copy, remove_stale_temp_files
+from utils import make_ema
 
 
 def start_train(*args):
@@ -142,8 +145,8 @@ def test_epoch_order_depends_on_seed_and_epoch_only_and_skips_done_batches():
 
 
 def test_augmentation_follows_the_sample_seed_not_the_global_generator(tmp_path):
-    from config import Config
     from augment import train_transform
+    from config import Config
     from dataset import LabelledImages
     cfg = Config(img_size=32)
     data = LabelledImages(os.path.join(SAMPLE, "train"), [str(c) for c in range(10)], train_transform(cfg))
@@ -251,17 +254,17 @@ def test_a_run_without_fp16_resumes_on_a_gpu_that_scales_fp16_losses(trained_run
     assert ckpt["scaler"] == {}
     cfg = Config(arch="resnet18", lr=1e-3, epochs=2, head_dropout=ckpt["config"]["head_dropout"])
     model = build_model("resnet18", 10, weights="none")
-    optimizer = train.build_optimizer(model, cfg)
+    optimizer = engine.build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # what an fp16 GPU run builds
     run = Run(cfg=cfg, model=model, device=torch.device("cpu"), optimizer=optimizer, scaler=scaler,
-              scheduler=train.build_scheduler(optimizer, cfg, 9), ema=make_ema(model, 0.999), classes=("0",),
+              scheduler=engine.build_scheduler(optimizer, cfg, 9), ema=make_ema(model, 0.999), classes=("0",),
               class_counts=(1,))
     progress = restore_training_state(ckpt, run)
     assert progress.epoch == 2 and scaler.get_scale() == 65536.0
     assert training_checkpoint(run, progress)["scaler"]["scale"] == 65536.0
 
 
-class NanLoss(train.TrainLoss):
+class NanLoss(losses.TrainLoss):
     """The real training loss, except at the given calls (1-based), where it is nan."""
     calls = 0
     nan_at = set()
@@ -274,7 +277,7 @@ class NanLoss(train.TrainLoss):
 
 def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops_keeping_the_last_good_checkpoint(tmp_path, capsys,
                                                                                                monkeypatch):
-    monkeypatch.setattr(train, "TrainLoss", NanLoss)
+    monkeypatch.setattr(engine, "TrainLoss", NanLoss)
     monkeypatch.setattr(NanLoss, "calls", 0)
     monkeypatch.setattr(NanLoss, "nan_at", {2, 3} | set(range(5, 100)))  # two skipped steps, then divergence
     code, out, err = run_main(train.main, ["--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "d",

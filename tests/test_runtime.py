@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import inference
-import runtime
 import train
+import utils
 from config import Config
 from conftest import TINY, copy_sample, run_main, run_script
 
@@ -25,13 +25,13 @@ ARM_PLAIN = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n"
 @pytest.mark.parametrize("cpuinfo, native", [(X86_AVX2, False), (X86_AVX512_BF16, True), (X86_AMX, True),
                                              (ARM_BF16, True), (ARM_PLAIN, False), ("", False)])
 def test_amp_auto_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch, cpuinfo, native):
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: runtime.parse_cpu_flags(cpuinfo))
-    assert runtime.native_cpu_bf16() == native
-    assert runtime.amp_dtype(Config(amp="auto"), CPU) == (torch.bfloat16 if native else None)
+    monkeypatch.setattr(utils, "cpu_flags", lambda: utils.parse_cpu_flags(cpuinfo))
+    assert utils.native_cpu_bf16() == native
+    assert utils.amp_dtype(Config(amp="auto"), CPU) == (torch.bfloat16 if native else None)
     # the explicit settings do not depend on the CPU: bf16 even when emulated, fp16 and off in float32
-    assert runtime.amp_dtype(Config(amp="bf16"), CPU) == torch.bfloat16
-    assert runtime.amp_dtype(Config(amp="fp16"), CPU) is None
-    assert runtime.amp_dtype(Config(amp="off"), CPU) is None
+    assert utils.amp_dtype(Config(amp="bf16"), CPU) == torch.bfloat16
+    assert utils.amp_dtype(Config(amp="fp16"), CPU) is None
+    assert utils.amp_dtype(Config(amp="off"), CPU) is None
 
 
 @pytest.mark.parametrize("capability, auto", [((7, 5), torch.float16), ((7, 0), torch.float16),
@@ -42,10 +42,10 @@ def test_amp_auto_on_cuda_is_bf16_only_where_the_gpu_computes_it(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     gpu = torch.device("cuda")
-    assert runtime.amp_dtype(Config(amp="auto"), gpu) == auto
-    assert runtime.amp_dtype(Config(amp="bf16"), gpu) == torch.bfloat16  # as asked, with a warning where emulated
-    assert runtime.amp_dtype(Config(amp="fp16"), gpu) == torch.float16
-    assert runtime.amp_dtype(Config(amp="off"), gpu) is None
+    assert utils.amp_dtype(Config(amp="auto"), gpu) == auto
+    assert utils.amp_dtype(Config(amp="bf16"), gpu) == torch.bfloat16  # as asked, with a warning where emulated
+    assert utils.amp_dtype(Config(amp="fp16"), gpu) == torch.float16
+    assert utils.amp_dtype(Config(amp="off"), gpu) is None
     warnings = train.precision_notes(Config(amp="bf16"), gpu)
     if auto == torch.float16:
         assert warnings == [f"--amp bf16 on this GPU (compute capability {capability[0]}.{capability[1]}, below 8.0) "
@@ -59,7 +59,7 @@ def test_amp_auto_on_cuda_is_bf16_only_where_the_gpu_computes_it(monkeypatch, ca
 
 def test_amp_auto_describes_this_machines_choice(trained_run):
     _, proc = trained_run  # trained with the default --amp auto on the CPU
-    expected = "bfloat16 autocast" if runtime.native_cpu_bf16() else "float32"
+    expected = "bfloat16 autocast" if utils.native_cpu_bf16() else "float32"
     assert f"device cpu, {expected}" in proc.stdout
 
 
@@ -70,7 +70,7 @@ def test_bf16_training_and_prediction_on_the_cpu(tmp_path, capsys):
     code, out, err = run_main(train.main, argv, capsys)
     assert code == 0, err
     assert "device cpu, bfloat16 autocast" in out
-    assert ("--amp bf16 on this CPU is emulated" in out) != runtime.native_cpu_bf16()
+    assert ("--amp bf16 on this CPU is emulated" in out) != utils.native_cpu_bf16()
     history = pd.read_csv(tmp_path / "bf16" / "history.csv")
     assert np.isfinite(history[["train_loss", "val_loss", "val_loss_ema"]].to_numpy()).all()
     best = torch.load(tmp_path / "bf16" / "best.pt", weights_only=True)
@@ -99,8 +99,8 @@ def test_fp16_on_the_cpu_warns_and_trains_in_float32(tmp_path, capsys):
 def test_default_workers_fit_the_cores(monkeypatch, cores, workers):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
-    assert runtime.default_workers(-1) == workers
-    assert runtime.default_workers(3) == 3  # a number given is kept
+    assert utils.default_workers(-1) == workers
+    assert utils.default_workers(3) == 3  # a number given is kept
 
 
 def test_help_states_the_workers_rule():

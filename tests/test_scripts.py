@@ -20,8 +20,9 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 sys.path.insert(0, SCRIPTS)
-import fashion_mnist  # noqa: E402
 from score import ScoreError, read_csv, score  # noqa: E402
+
+import fashion_mnist  # noqa: E402
 
 CLASSES = [str(c) for c in range(10)]
 

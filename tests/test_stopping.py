@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-import resume
+import engine
+import stopping
 import train
 from config import Config
 from conftest import ROOT, SAMPLE, TINY, one_line_error, run_main
 from losses import TrainLoss
-from resume import GracefulStop, Progress
-from run import Run
+from run import Progress, Run
+from stopping import GracefulStop
 
 SMALL = [*TINY, "--head", "linear", "--batch-size", 8, "--no-ema"]
 
@@ -39,9 +40,9 @@ def small(tmp_path_factory):
 def test_an_epoch_is_better_only_by_more_than_min_delta():
     progress = Progress()
     for acc in (0.50, 0.505, 0.52, 0.52, 0.40):
-        train.update_plateau(progress, acc, min_delta=0.01)
+        stopping.update_plateau(progress, acc, min_delta=0.01)
     assert progress.plateau_best == 0.52 and progress.plateau_epochs == 2
-    train.update_plateau(progress, 0.531, min_delta=0.01)
+    stopping.update_plateau(progress, 0.531, min_delta=0.01)
     assert progress.plateau_epochs == 0
 
 
@@ -80,11 +81,11 @@ def test_val_every_validates_every_nth_epoch_and_patience_counts_epochs(small, t
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert [" val loss " in line for line in lines] == [False, True] * 3
     # the last epoch is always validated, and so is the one a stop ends the run on
-    assert train.validation_due(Config(epochs=5, val_every=2), 4, GracefulStop(), torch.device("cpu"))
+    assert engine.validation_due(Config(epochs=5, val_every=2), 4, GracefulStop(), torch.device("cpu"))
     stop = GracefulStop()
-    assert not train.validation_due(Config(epochs=5, val_every=2), 2, stop, torch.device("cpu"))
+    assert not engine.validation_due(Config(epochs=5, val_every=2), 2, stop, torch.device("cpu"))
     stop.handle(signal.SIGTERM, None)
-    assert train.validation_due(Config(epochs=5, val_every=2), 2, stop, torch.device("cpu"))
+    assert engine.validation_due(Config(epochs=5, val_every=2), 2, stop, torch.device("cpu"))
 
 
 def test_min_delta_without_patience_is_said_and_bad_limits_refused(small, tmp_path, capsys):
@@ -102,7 +103,7 @@ def test_min_delta_without_patience_is_said_and_bad_limits_refused(small, tmp_pa
 
 def test_the_time_limit_stops_before_a_step_that_would_end_past_it(monkeypatch):
     clock = [120.0]
-    monkeypatch.setattr(resume.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
     stop = GracefulStop(time_limit=10, started=100.0)
     assert not stop.requested  # past the limit, but every start of a run trains a step first
     clock[0] = 105.0
@@ -126,7 +127,7 @@ def test_time_limit_saves_a_resumable_last_and_prints_the_resume_command(small, 
             "--time-limit", "3s"]
     code, out, err = run_main(train.main, argv, capsys)
     last = tmp_path / "t" / "last.pt"
-    assert code == train.TIME_LIMIT_EXIT == 124, err
+    assert code == stopping.TIME_LIMIT_EXIT == 124, err
     assert "--time-limit 3s: stopped at epoch" in out and f"resume with: python train.py --resume {last}" in out
     stopped = torch.load(last, weights_only=True)["progress"]
     assert stopped["epoch"] < 500 and (stopped["epoch"], stopped["step"]) != (0, 0)
@@ -159,7 +160,7 @@ def step_gradient(clip, split=(8,), fp16_scaling=False):
     run = Run(cfg=cfg, model=model, device=torch.device("cpu"), criterion=TrainLoss(cfg, None),
               optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
               scaler=torch.amp.GradScaler("cpu", enabled=fp16_scaling))
-    train.train_step(run, [(images[a:b], targets[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], epoch=0)
+    engine.train_step(run, [(images[a:b], targets[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], epoch=0)
     return [p.grad.clone() for p in model.parameters()]
 
 

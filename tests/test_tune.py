@@ -5,11 +5,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pandas as pd
 import pytest
 
+import search_budget
+import search_selection
+import search_space
+import train
+import trials
 import tune
 from conftest import ROOT, copy_sample, one_line_error, run_main, run_script, wait_for
 
@@ -181,14 +187,14 @@ def test_space_file_errors(text, expected, data, capsys, tmp_path):
 def test_the_plan_counts_a_full_trial_from_complete_ones():
     """A pruned trial's seconds, scaled up per epoch, stand in only until a trial completes: its start-up counted
     once per epoch would reserve several times the confirmation's real length and end the search early."""
-    search = tune.Search(args=type("Args", (), {"epochs_per_trial": 10})(), train_args=[], space={}, cfg=None,
+    search = trials.Search(args=type("Args", (), {"epochs_per_trial": 10})(), train_args=[], space={}, cfg=None,
                          study_dir="", deadline=None)
-    tune.update_trial_seconds(search, tune.Outcome("pruned", 0.1, 1, 12.0, 300))
+    search_budget.update_trial_seconds(search, trials.Outcome("pruned", 0.1, 1, 12.0, 300))
     assert search.trial_seconds == 120 and not search.measured  # nothing better known yet
-    tune.update_trial_seconds(search, tune.Outcome("complete", 0.8, 10, 37.0, 300))
+    search_budget.update_trial_seconds(search, trials.Outcome("complete", 0.8, 10, 37.0, 300))
     assert search.trial_seconds == 37 and search.measured
-    tune.update_trial_seconds(search, tune.Outcome("pruned", 0.1, 1, 14.0, 300))  # would scale to 140 s
-    tune.update_trial_seconds(search, tune.Outcome("complete", 0.9, 10, 45.0, 300))
+    search_budget.update_trial_seconds(search, trials.Outcome("pruned", 0.1, 1, 14.0, 300))  # would scale to 140 s
+    search_budget.update_trial_seconds(search, trials.Outcome("complete", 0.9, 10, 45.0, 300))
     assert search.trial_seconds == 45  # the longest complete trial
 
 
@@ -202,8 +208,8 @@ def test_prune_warmup_defaults_to_a_third_of_a_trial(data, more, warmup):
 
 def first_points(*argv):
     args, train_args = tune.parse_args(["--data-dir", str(ROOT), "--trials", "1", *argv])
-    space = tune.load_space(args.space)
-    search = tune.Search(args=args, train_args=train_args, space=space,
+    space = search_space.load_space(args.space)
+    search = trials.Search(args=args, train_args=train_args, space=space,
                          cfg=tune.fixed_config(args, train_args, space), study_dir="", deadline=None)
     return tune.first_points(search)
 
@@ -212,12 +218,12 @@ def test_first_trials_are_the_known_recipes_inside_the_space(data, capsys):
     defaults, plain, no_flip = first_points("--space", "wide")
     assert defaults["lr"] == 5e-5 and defaults["augment"] == "seed" and defaults["rrc_scale_low"] == 0.08
     assert defaults["hflip"] == 0.5 and defaults["loss"] == "schedule" and defaults["ema"] is True
-    assert plain == tune.PLAIN  # every plain setting lies inside the wide space
-    assert no_flip == {**tune.PLAIN, "hflip": 0.0}
+    assert plain == search_space.PLAIN  # every plain setting lies inside the wide space
+    assert no_flip == {**search_space.PLAIN, "hflip": 0.0}
     seed_space = first_points("--space", "seed")  # no hflip there: the mirror-free plain recipe is the plain one
     assert len(seed_space) == 2 and "lr" not in seed_space[1] and first_points("--first-trials", "none") == []
     (only,) = first_points("--first-trials", "plain", "--space", "wide")
-    assert only == tune.PLAIN
+    assert only == search_space.PLAIN
     code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", "1", "--first-trials", "none", "plain"], capsys)
     assert one_line_error(code, err).startswith("error: --first-trials none: give it alone")
 
@@ -228,11 +234,11 @@ def test_the_confirmation_keeps_back_the_top_configurations_own_times():
     for value, seconds in [(0.9, 40.0), (0.5, 200.0), (0.8, 50.0)]:
         study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"role": "search", "seconds": seconds}))
     args = type("Args", (), {"confirm_top": 2, "confirm_seeds": 2})()
-    search = tune.Search(args=args, train_args=[], space={}, cfg=None, study_dir="", deadline=None,
+    search = trials.Search(args=args, train_args=[], space={}, cfg=None, study_dir="", deadline=None,
                          trial_seconds=200.0, measured=True)
-    assert tune.confirm_reserve(search, study) == 2 * (40 + 50)
+    assert search_budget.confirm_reserve(search, study) == 2 * (40 + 50)
     args.confirm_top = 4  # more places than complete trials: the longest trial stands in for the missing one
-    assert tune.confirm_reserve(search, study) == 2 * (40 + 50 + 200 + 200)
+    assert search_budget.confirm_reserve(search, study) == 2 * (40 + 50 + 200 + 200)
 
 
 def study_with(*trials):
@@ -250,13 +256,13 @@ def test_an_unconfirmed_configuration_is_ranked_after_the_confirmed_ones():
     study = study_with(("search", 0.90, {}), ("search", 0.89, {}), ("confirm", 0.86, {"source": 0, "seed": 43}),
                        ("confirm", 0.87, {"source": 0, "seed": 44}))
     args = type("Args", (), {"confirm_top": 3, "confirm_seeds": 2})()
-    ranked = tune.ranking(study, args)
+    ranked = search_selection.ranking(study, args)
     assert [(r["trial"], r["seeds"]) for r in ranked] == [(0, 3), (1, 1)]
     assert ranked[0]["mean"] == pytest.approx(0.8767, abs=1e-4)
-    note = tune.noise_note(ranked)
+    note = search_selection.noise_note(ranked)
     assert note.startswith("trial 0 (3 seeds) leads trial 1 (1 seed) by -1.33 points of mean val accuracy")
     assert "(no seed spread: trial 1 has one seed)" in note
-    assert tune.fewer_seeds_note(ranked).startswith("ranked after the configurations with 3 seeds: trial 1 (1 seed, "
+    assert search_selection.fewer_seeds_note(ranked).startswith("ranked after the configurations with 3 seeds: trial 1 (1 seed, "
                                                     "mean 0.8900)")
 
     # another machine adds three higher single values to the shared study: the confirmed trial 0 stays in the
@@ -264,7 +270,7 @@ def test_an_unconfirmed_configuration_is_ranked_after_the_confirmed_ones():
     for value in (0.95, 0.94, 0.93):
         study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"role": "search", "n_val": 300,
                                                                            "settings": {}}))
-    ranked = tune.ranking(study, args)
+    ranked = search_selection.ranking(study, args)
     assert ranked[0]["trial"] == 0 and sorted(r["trial"] for r in ranked[1:]) == [4, 5, 6]
 
 
@@ -272,9 +278,9 @@ def search_of(data, tmp_path, *argv):
     args, train_args = tune.parse_args(["--data-dir", str(data), "--output-dir", str(tmp_path), "--trials", "1",
                                         *map(str, argv)])
     tune.check_args(args)
-    space = tune.load_space(args.space)
+    space = search_space.load_space(args.space)
     tune.check_train_args(train_args, space)
-    return tune.Search(args=args, train_args=train_args, space=space, cfg=tune.fixed_config(args, train_args, space),
+    return trials.Search(args=args, train_args=train_args, space=space, cfg=tune.fixed_config(args, train_args, space),
                        study_dir=str(tmp_path), deadline=None)
 
 
@@ -283,12 +289,12 @@ def test_epoch_counted_settings_take_the_same_share_of_a_trial(data, tmp_path, c
     search = search_of(data, tmp_path, "--space", space, "--epochs-per-trial", 10, "--", "--warmup-epochs", 10,
                        "--ema-start-epoch", 50, "--mixup", 0.2, "--mix-off-epoch", 3, "--t-max", 50)
     params = {"loss": "schedule", "focal_start": 40, "focal_full": 60}
-    command = tune.trial_command(search, params, "0000", 42, 0)
-    cfg, _, _ = tune.train.parse_args(command[2:])
+    command = trials.trial_command(search, params, "0000", 42, 0)
+    cfg, _, _ = train.parse_args(command[2:])
     # drawn and shared alike: a tenth of the final 100 epochs (whole numbers rounded, mixing off from epoch 1)
     assert (cfg.focal_start, cfg.focal_full, cfg.ema_start_epoch, cfg.mix_off_epoch) == (4, 6, 5, 1)
     assert (cfg.warmup_epochs, cfg.t_max, cfg.epochs) == (1.0, 5.0, 10)
-    assert tune.epoch_plan(search).endswith("take the same share of each 10-epoch trial: --warmup-epochs 10 -> 1, "
+    assert trials.epoch_plan(search).endswith("take the same share of each 10-epoch trial: --warmup-epochs 10 -> 1, "
                                             "--t-max 50 -> 5, --ema-start-epoch 50 -> 5, --mix-off-epoch 3 -> 1, "
                                             "focal_start, focal_full as drawn")
     # best_config.json holds the values for the final run: what the trial trained with, at full length
@@ -307,17 +313,17 @@ def test_epoch_counted_settings_take_the_same_share_of_a_trial(data, tmp_path, c
 
 def test_the_first_trial_leaves_the_confirmation_its_share(data, tmp_path):
     search = search_of(data, tmp_path, "--confirm-top", 3, "--confirm-seeds", 2)
-    search.deadline = tune.time.monotonic() + 700
-    assert tune.trial_time_limit(search) == pytest.approx(100, abs=1)  # 700 s for it and 6 runs as long
+    search.deadline = time.monotonic() + 700
+    assert search_budget.trial_time_limit(search) == pytest.approx(100, abs=1)  # 700 s for it and 6 runs as long
     search.trial_seconds, search.reserve = 50.0, 300.0  # measured: the search's own share
-    assert tune.trial_time_limit(search) == pytest.approx(400, abs=1)
+    assert search_budget.trial_time_limit(search) == pytest.approx(400, abs=1)
 
 
 def test_a_study_refuses_a_command_that_would_not_compare(data, tmp_path, capsys):
     args, train_args = tune.parse_args(["--data-dir", str(data), "--output-dir", str(tmp_path), "--trials", "1",
                                         "--epochs-per-trial", "3", "--", "--img-size", "32"])
     tune.check_args(args)
-    space = tune.load_space(args.space)
+    space = search_space.load_space(args.space)
     cfg = tune.fixed_config(args, train_args, space)
     os.makedirs(tmp_path / "tune")
     study, _ = tune.open_study(args, str(tmp_path / "tune"))
@@ -352,12 +358,12 @@ def test_a_confirmation_run_another_process_holds_is_waited_for_then_run(data, t
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     trained = []
-    monkeypatch.setattr(tune, "run_training", lambda search, command, run_dir, trial=None: trained.append(run_dir)
-                        or tune.Outcome("complete", 0.7, 1, 1.0, 12))
-    tune.confirm(search, study)
+    monkeypatch.setattr(search_selection, "run_training", lambda search, command, run_dir, trial=None: trained.append(run_dir)
+                        or trials.Outcome("complete", 0.7, 1, 1.0, 12))
+    search_selection.confirm(search, study)
     out = capsys.readouterr().out
     assert "confirm 0 seed 43: another process is running it; waiting for it at the end" in out
     assert holder.wait() == 0 and trained == [str(tmp_path / "trials" / "0000-seed43")]
-    assert tune.confirmations(study, 0) == {43: 0.7}
-    tune.confirm(search, study)  # done: nothing runs again
+    assert search_selection.confirmations(study, 0) == {43: 0.7}
+    search_selection.confirm(search, study)  # done: nothing runs again
     assert len(trained) == 1

@@ -1,16 +1,19 @@
-"""Where and how a run computes: the device, mixed precision, loader workers, and its random generators (seeding,
-per-process streams under torchrun, and the states that last.pt saves and a resumed run restores)."""
+"""Small helpers that several modules share and that have no domain of their own: seeding and the random
+generators' states (per-process streams under torchrun, what last.pt saves and a resumed run restores), the device,
+mixed precision and loader workers a run uses, the EMA of the weights, and short listings for messages."""
 from __future__ import annotations
 
 import functools
 import os
 import random
 import signal
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 import distributed
 from errors import UserError
@@ -18,6 +21,8 @@ from errors import UserError
 if TYPE_CHECKING:
     from config import Config
 
+
+# ---------------------------------------------------------------- seeding and random generators
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -34,6 +39,60 @@ def seed_worker(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+
+def seed_rank_streams(seed: int, salt: int = 0) -> None:
+    """Give each torchrun process a random stream of its own for the work drawn in the training loop (dropout,
+    random erasing, the device-side colour draws, the mixing coin): with one shared stream, image j of every
+    process's batch would get the same jitter, box and mask. The model is built before this, from --seed alone, so
+    every process starts from the same weights. Rank 0 keeps the stream of --seed: one process trains as before."""
+    rank = distributed.rank()
+    if rank == 0:
+        return
+    derived = int(np.random.SeedSequence([seed, rank, salt]).generate_state(1, np.uint64)[0] >> 1)
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)  # seeds CUDA too
+
+
+def rank_rng_states() -> list[dict[str, Any]] | None:
+    """Every process's rng_state(), in rank order (called by all processes together), or None in a single one."""
+    return distributed.gather(rng_state()) if distributed.active() else None
+
+
+def restore_rng(ckpt: dict[str, Any]) -> None:
+    """Set this process's generators to where the saved run left them. Resumed with another number of processes
+    (or from a checkpoint without per-process states) the other ranks draw fresh streams of their own, since the old
+    ones no longer map onto the new processes."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks and len(ranks) == distributed.world_size():
+        set_rng_state(ranks[distributed.rank()])
+        return
+    set_rng_state(ckpt["rng"])
+    seed_rank_streams(ckpt["config"].get("seed", 0), salt=1 + ckpt["progress"].get("done", 0))
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator, as plain types and tensors (weights_only loading accepts them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- device, precision, loader workers
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
@@ -133,53 +192,39 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def seed_rank_streams(seed: int, salt: int = 0) -> None:
-    """Give each torchrun process a random stream of its own for the work drawn in the training loop (dropout,
-    random erasing, the device-side colour draws, the mixing coin): with one shared stream, image j of every
-    process's batch would get the same jitter, box and mask. The model is built before this, from --seed alone, so
-    every process starts from the same weights. Rank 0 keeps the stream of --seed: one process trains as before."""
-    rank = distributed.rank()
-    if rank == 0:
-        return
-    derived = int(np.random.SeedSequence([seed, rank, salt]).generate_state(1, np.uint64)[0] >> 1)
-    random.seed(derived)
-    np.random.seed(derived % 2**32)
-    torch.manual_seed(derived)  # seeds CUDA too
+# ---------------------------------------------------------------- the EMA of the weights
+
+def ema_avg_fn(decay):
+    """AveragedModel multi_avg_fn with warmup: decay_t = min(decay, (1 + t) / (10 + t)), t = updates so far.
+
+    Early on the average follows the weights closely, so a short run still gets a useful EMA. Integer buffers
+    (BatchNorm's num_batches_tracked) are copied, float ones (running mean/var) are averaged like the weights.
+    """
+    def update(ema_list, model_list, num_averaged):
+        t = float(num_averaged)
+        d = min(decay, (1 + t) / (10 + t))
+        floats = [(e, m) for e, m in zip(ema_list, model_list) if e.is_floating_point()]
+        others = [(e, m) for e, m in zip(ema_list, model_list) if not e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - d)
+        for e, m in others:
+            e.copy_(m)
+    return update
 
 
-def rank_rng_states() -> list[dict[str, Any]] | None:
-    """Every process's rng_state(), in rank order (called by all processes together), or None in a single one."""
-    return distributed.gather(rng_state()) if distributed.active() else None
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """An AveragedModel over parameters and buffers, updated after every optimiser step by the training loop."""
+    return AveragedModel(model, multi_avg_fn=ema_avg_fn(decay), use_buffers=True)
 
 
-def restore_rng(ckpt: dict[str, Any]) -> None:
-    """Set this process's generators to where the saved run left them. Resumed with another number of processes
-    (or from a checkpoint without per-process states) the other ranks draw fresh streams of their own, since the old
-    ones no longer map onto the new processes."""
-    ranks = ckpt.get("rng_ranks")
-    if ranks and len(ranks) == distributed.world_size():
-        set_rng_state(ranks[distributed.rank()])
-        return
-    set_rng_state(ckpt["rng"])
-    seed_rank_streams(ckpt["config"].get("seed", 0), salt=1 + ckpt["progress"].get("done", 0))
+# ---------------------------------------------------------------- short listings for messages
+
+def short_names(names: Sequence[str], n: int = 5) -> str:
+    """'a, b, c, d, e and 3 more'."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global generator, as plain types and tensors (weights_only loading accepts them)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def short_list(names: Iterable[str], n: int = 5) -> str:
+    """'12 classes: a, b, c, d, e, ...'."""
+    names = list(names)
+    return f"{len(names)} classes: {', '.join(names[:n])}{', ...' if len(names) > n else ''}"
