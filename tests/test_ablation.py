@@ -11,6 +11,7 @@ import engine
 import inference
 import train
 from conftest import SAMPLE, TINY, one_line_error, run_main
+from model import resolve_data
 
 ARGS = ["--data-dir", SAMPLE, *TINY, "--head", "linear", "--epochs", 1]
 
@@ -88,7 +89,7 @@ def test_grid_mistakes_are_one_line_before_any_training(tmp_path, capsys, argv, 
 
 def test_a_validation_pass_leaves_the_training_random_stream_alone():
     """So that EMA on/off runs train identically and differ only in the extra EMA evaluation."""
-    cfg = train.parse_args(["--data-dir", SAMPLE, *TINY])[0]
+    cfg = resolve_data(train.parse_args(["--data-dir", SAMPLE, *TINY])[0])
     train_set, val_set, _ = dataset.build_train_val(cfg)
     val_loader = engine.make_loaders(cfg, train_set, val_set, torch.device("cpu"))[1]
     state = torch.get_rng_state()

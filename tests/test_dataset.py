@@ -8,6 +8,7 @@ from config import Config
 from dataset import FlatImages, build_train_val, find_classes
 from errors import UserError
 from images import IMAGE_EXTENSIONS, BadImage, load_rgb, to_rgb
+from model import resolve_data
 
 
 def save(path, img):
@@ -92,13 +93,16 @@ def test_unreadable_file_is_a_bad_image(tmp_path):
 
 
 def test_train_val_layout_checks(tmp_path):
-    cfg = Config(data_dir=str(tmp_path / "nowhere"))
+    cfg = resolve_data(Config(data_dir=str(tmp_path / "nowhere")))
     with pytest.raises(UserError, match="no such data folder"):
         build_train_val(cfg)
     for split, classes in [("train", ["0", "1", "10"]), ("val", ["0", "5"])]:
         for c in classes:
             save(str(tmp_path / split / c / "a.png"), Image.new("RGB", (8, 8)))
     with pytest.raises(UserError, match="lacks: 5"):
+        build_train_val(resolve_data(Config(data_dir=str(tmp_path))))
+    # the data code is handed the model's input settings as values: it never asks the model for them
+    with pytest.raises(ValueError, match="takes resolved input settings"):
         build_train_val(Config(data_dir=str(tmp_path)))
 
 
@@ -272,7 +276,7 @@ def test_non_images_in_class_folders_are_one_warning_per_folder_set(tmp_path, ca
     (tmp_path / "train" / "1" / "b.heic").write_bytes(b"x")
     (tmp_path / "train" / "1" / "Thumbs.db").write_bytes(b"x")
     os.makedirs(tmp_path / "val" / "1" / "more")
-    train, val, _ = build_train_val(Config(data_dir=str(tmp_path)))
+    train, val, _ = build_train_val(resolve_data(Config(data_dir=str(tmp_path))))
     assert len(train) == 2 and len(val) == 2
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert warnings == [

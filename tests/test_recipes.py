@@ -22,7 +22,7 @@ from finetune import param_groups
 from folds import assign_folds
 from losses import TrainLoss
 from mix import build_mixer, count_correct
-from model import build_model
+from model import build_model, resolve_data
 
 CLASSES = ["0", "1", "2"]
 
@@ -115,7 +115,8 @@ def test_augmentation_flags_that_do_not_fit_are_refused():
 
 
 def test_eval_size_sets_the_validation_crop(small_data):
-    _, val, _ = build_train_val(Config(data_dir=str(small_data), img_size=32, eval_size=40, eval_crop_ratio=0.8))
+    _, val, _ = build_train_val(resolve_data(Config(data_dir=str(small_data), img_size=32, eval_size=40,
+                                                   eval_crop_ratio=0.8)))
     assert val[0][0].shape == (3, 50, 50)  # resized square 40 / 0.8; the 40 px centre crop is cut per batch
 
 
