@@ -14,7 +14,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,7 +96,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
                              **adamw_kernel(model))
 
 
-def scaled_lr(cfg):
+def scaled_lr(cfg: Config) -> Config:
     """The config with --lr and --min-lr scaled for the global batch (--lr-scale); the run's saved config keeps the
     values as given, and a resumed run scales them for its own number of processes."""
     n = distributed.world_size()
@@ -128,7 +128,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def build_run(cfg, model, device, train_set, steps_per_epoch, run_dir) -> Run:
+def build_run(cfg: Config, model: torch.nn.Module, device: torch.device, train_set: LabelledImages,
+              steps_per_epoch: int, run_dir: str) -> Run:
     """Every object that trains the model, for this device and number of processes."""
     setup_backends(cfg, device)
     model = prepare_model(model, cfg, device)
@@ -148,7 +149,7 @@ def build_run(cfg, model, device, train_set, steps_per_epoch, run_dir) -> Run:
                writes=EpochWrites(cfg.save_share))
 
 
-def training_module(run, frozen):
+def training_module(run: Run, frozen: bool) -> torch.nn.Module:
     """The module an epoch trains, with the backbone frozen or not. Under torchrun it is a DDP wrapper built after
     the freeze: DDP registers the parameters that need gradients when it is built, so it is built again whenever
     that set changes (--freeze-epochs); the plain module stays for evaluation, the EMA and the checkpoints."""
@@ -160,7 +161,7 @@ def training_module(run, frozen):
                                                      device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def micro_batch_groups(loader, n):
+def micro_batch_groups(loader: Iterable[tuple], n: int) -> Iterator[list[tuple]]:
     """Lists of n consecutive loader batches (the last list may be shorter): one optimiser step each."""
     group = []
     for batch in loader:
@@ -326,7 +327,8 @@ def validation_due(cfg, epoch, stop, device):
                                                                                                device)
 
 
-def epoch_scores(run, loader, epoch, stop):
+def epoch_scores(run: Run, loader: torch.utils.data.DataLoader, epoch: int,
+                 stop: GracefulStop) -> dict[str, Any] | None:
     """The val scores of an epoch whose training finished: NOT_VALIDATED when --val-every skips it, None when the
     run stops first (a validation pass that would end past --time-limit waits for the resumed run)."""
     if not validation_due(run.cfg, epoch, stop, run.device):
@@ -350,7 +352,7 @@ def validate(run: Run, loader, epoch: int, stop: GracefulStop):
     return None if raw is None else dict(raw=raw, ema=ema, seconds=time.perf_counter() - start)
 
 
-def report_bad_files(bad, progress, run_dir=None):
+def report_bad_files(bad: Iterable[str], progress: Progress, run_dir: str | None = None) -> None:
     """Name each unreadable image once, and keep the whole list in the run folder."""
     new = sorted(set(bad) - set(progress.skipped_files))
     for message in new:

@@ -198,6 +198,6 @@ def cache_side(img_size: int, eval_resize: int) -> int:
     return max(math.ceil(img_size * 9 / 7), eval_resize)
 
 
-def open_image(path, draft_size=None, cache=None):
+def open_image(path: str, draft_size: int | None = None, cache: tuple[str, int] | None = None) -> Image.Image:
     """load_rgb, or the cached copy when cache = (folder, short side) is given."""
     return load_cached(path, *cache) if cache else load_rgb(path, draft_size)

@@ -8,12 +8,16 @@ import re
 import shutil
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import torch
 
 import distributed
 from errors import UserError, check_folder_path
 from utils import short_names
+
+if TYPE_CHECKING:
+    from config import Config
 
 # what a run writes into its folder (inference.py --report adds report/, --all-folds the fold<i>/ runs, ablation.py
 # --test-labels the test predictions of its best.pt and what they were made from): a new run
@@ -107,7 +111,7 @@ class EpochWrites:
         return False
 
 
-def run_name(cfg):
+def run_name(cfg: Config) -> str:
     """--run-name, or <arch>-<date>-<time>; under torchrun the first process names the run for all of them (each
     taking its own clock could straddle a second and write to two folders)."""
     arch = cfg.arch.replace("/", "-")  # timm/NAME: one folder, not two
@@ -134,14 +138,14 @@ def clear_old_run(run_dir, clear):
         print(f"{clear}: removed the earlier run's {short_names(removed, 12)} from {run_dir}")
 
 
-def new_run_dir(cfg, clear):
+def new_run_dir(cfg: Config, clear: str | None) -> str:
     run_dir = os.path.join(cfg.output_dir, run_name(cfg))
     check_folder_path(run_dir, "run folder")  # before the data scan, not after it
     clear_old_run(run_dir, clear)
     return run_dir
 
 
-def folds_parent(cfg, overwrite):
+def folds_parent(cfg: Config, overwrite: bool) -> str:
     """--all-folds: the parent run's name; with --overwrite, every file of an earlier run below it goes first
     (fold folders of a run with more folds, its oof.csv)."""
     name = run_name(cfg)

@@ -2,10 +2,17 @@
 limit, and the plan printed before the first trial."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 
 from search_selection import finished, started, top_trials
 from trials import Outcome, Search, epoch_plan
+
+if TYPE_CHECKING:
+    import argparse
+    
+    import optuna
 
 
 def search_time_left(search: Search) -> float | None:
@@ -25,7 +32,7 @@ def trial_time_limit(search: Search) -> float:
     return left if search.trial_seconds else left / (1 + confirm_runs(search.args))
 
 
-def confirm_reserve(search: Search, study) -> float:
+def confirm_reserve(search: Search, study: optuna.Study) -> float:
     """The confirmation's share of the budget: the current top configurations' own trial times, once per extra
     seed (the longest complete trial stands in for a place not yet taken), so that a slow trial outside the top
     does not shrink the search."""
@@ -34,7 +41,7 @@ def confirm_reserve(search: Search, study) -> float:
     return search.args.confirm_seeds * sum(top)
 
 
-def confirm_runs(args) -> int:
+def confirm_runs(args: argparse.Namespace) -> int:
     return args.confirm_top * args.confirm_seeds
 
 
@@ -50,13 +57,13 @@ def update_trial_seconds(search: Search, outcome: Outcome) -> None:
         search.trial_seconds = max(search.trial_seconds, scaled)
 
 
-def earlier_trial_seconds(study) -> float:
+def earlier_trial_seconds(study: optuna.Study) -> float:
     """The longest complete search trial of the study so far (a resumed study plans with it)."""
     seconds = [t.user_attrs.get("seconds", 0) for t in finished(study, "search", complete_only=True)]
     return max(seconds, default=0.0)
 
 
-def print_plan(search: Search, study, storage: str) -> None:
+def print_plan(search: Search, study: optuna.Study, storage: str) -> None:
     args = search.args
     print(f"study {args.name} in {search.study_dir} ({storage}): {len(started(study))} trials so far; space "
           f"{args.space} ({len(search.space)} settings); {args.epochs_per_trial} epoch(s) per trial; pruner "

@@ -2,6 +2,8 @@
 the plots (optimisation history, parameter importances, the top configurations' val curves)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 
 from history import epoch_acc, read_history, validated
@@ -9,6 +11,9 @@ from plots import markdown_table, pyplot, save_figure
 from search_selection import finished, started
 from search_space import short
 from trials import Search, standard_error
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def trials_table(study):
@@ -90,7 +95,7 @@ def plot_top_curves(search: Search, ranked: list[dict], path: str) -> None:
     save_figure(fig, path)
 
 
-def write_report(search: Search, study, ranked: list[dict], lines: list[str]) -> str:
+def write_report(search: Search, study: optuna.Study, ranked: list[dict], lines: list[str]) -> str:
     """report.md with the ranking, the noise note, the final command and the plots; trials.csv beside it."""
     import pandas as pd
     out, args = search.study_dir, search.args

@@ -3,6 +3,8 @@ configurations with more seeds (each claimed by a lock, so two processes never t
 ranking by mean over seeds, and how much of the winner's lead is noise."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import math
 import os
@@ -10,23 +12,28 @@ import time
 
 from trials import POLL_SECONDS, Search, progress_line, run_training, standard_error, trial_command
 
+if TYPE_CHECKING:
+    import argparse
+    
+    import optuna
+
 SE_MULTIPLE = 2  # a lead counts as beyond noise when it exceeds this many standard errors
 
 
-def started(study) -> list:
+def started(study: optuna.Study) -> list:
     """The study's trials but the --first-trials still waiting for a process to run them."""
     import optuna
     return [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
 
 
-def finished(study, role: str, complete_only: bool = False) -> list:
+def finished(study: optuna.Study, role: str, complete_only: bool = False) -> list:
     import optuna
     states = (optuna.trial.TrialState.COMPLETE,) if complete_only else (
         optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return [t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("role") == role]
 
 
-def top_trials(study, n: int) -> list:
+def top_trials(study: optuna.Study, n: int) -> list:
     return sorted(finished(study, "search", complete_only=True), key=lambda t: (-t.value, t.number))[:n]
 
 
@@ -39,7 +46,7 @@ def confirmations(study, source: int) -> dict:
     return found
 
 
-def confirm(search: Search, study) -> None:
+def confirm(search: Search, study: optuna.Study) -> None:
     """Re-run the top configurations with the next seeds, each run recorded in the study (role confirm). A run that
     another process on this machine is doing (two processes sharing a study reach the confirmation together) is
     left to it at first, and waited for at the end; if it still has no result then, this process runs it."""
@@ -111,7 +118,7 @@ def run_claim(path: str, wait: bool, deadline: float | None):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ranking(study, args) -> list[dict]:
+def ranking(study: optuna.Study, args: argparse.Namespace) -> list[dict]:
     """The configurations compared for the win: the top search trials and every one with confirmation runs (an
     earlier top, or another machine's), with their mean val accuracy over seeds, the val set's SE and the seed
     spread. Ranked by seeds first, then by mean: a single search value is the best of many draws and inflated by

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING, Any
 
 from config import Config, read_config_file
 from errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
 
 # One entry per setting, keyed by train.py's setting name (its flag without --):
 #   [a, b, c]          one of these values (numbers, words, true/false)
@@ -139,7 +143,7 @@ def check_value(name, value, field, where):
         raise UserError(f"--space {where}: {name} must be {expected} (it is {value!r})")
 
 
-def suggest(trial, space: dict) -> dict:
+def suggest(trial: optuna.trial.Trial, space: dict) -> dict:
     """One trial's settings, drawn from the space."""
     params = {}
     for name, spec in space.items():
@@ -180,7 +184,7 @@ def short(params: dict) -> str:
     return " ".join(words)
 
 
-def in_space(spec, value) -> bool:
+def in_space(spec: Any, value: Any) -> bool:
     if isinstance(spec, list):
         return any(v == value and isinstance(v, bool) == isinstance(value, bool) for v in spec)
     if isinstance(spec, dict):
@@ -189,7 +193,7 @@ def in_space(spec, value) -> bool:
     return False  # a fixed setting: nothing to enqueue
 
 
-def check_focal_order(space, cfg, where):
+def check_focal_order(space: dict, cfg: Config, where: str) -> None:
     """A space whose focal_start can be drawn after focal_full (or after the shared value of the other) would give
     trials that train.py refuses: say so before the first trial."""
     def bounds(name):

@@ -323,7 +323,7 @@ def load_data(opened, datasets, progress, allow_change):
     drop_unreadable(train_set, val_set, cfg, progress, run_dir)
     if ckpt:
         check_resume_data(ckpt, classes, len(train_set), allow_change)
-    progress.train_images = len(train_set)
+    progress.train_images, progress.processes = len(train_set), distributed.world_size()
     return train_set, val_set
 
 

@@ -3,6 +3,8 @@ with the epoch-counted settings scaled to the trial, watching its history.csv to
 it ended."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import dataclasses
 import glob
@@ -17,6 +19,9 @@ from config import Config
 from history import epoch_acc, read_history, validated
 from search_space import setting_flags, short
 from stopping import TIME_LIMIT_EXIT, GracefulStop
+
+if TYPE_CHECKING:
+    import optuna
 
 POLL_SECONDS = 0.5
 
@@ -137,7 +142,7 @@ def watch(proc, run_dir, trial, args, ctrl_c) -> bool:
         time.sleep(POLL_SECONDS)
 
 
-def run_training(search: Search, command: list[str], run_dir: str, trial=None) -> Outcome:
+def run_training(search: Search, command: list[str], run_dir: str, trial: optuna.trial.Trial | None = None) -> Outcome:
     """One train.py run in its own process (its own session: Ctrl-C reaches tune.py, which stops it with SIGTERM);
     the output goes to <run>.log beside the run folder."""
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)

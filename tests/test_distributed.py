@@ -169,7 +169,7 @@ sys.path.insert(0, {ROOT!r})
 import datetime
 import torch
 import distributed
-import train
+import run_folder
 from config import Config
 from augment import erasing_boxes
 from utils import seed_everything, seed_rank_streams
@@ -191,8 +191,8 @@ class Later(datetime.datetime):  # this process's clock has just passed a second
     def now(cls, tz=None):
         return datetime.datetime(2026, 1, 2, 3, 4, 5 + distributed.rank())
 
-train.datetime = Later
-print(f"rank {{distributed.rank()}} run name {{train.run_name(Config(arch='resnet18'))}}", file=sys.stderr)
+run_folder.datetime = Later
+print(f"rank {{distributed.rank()}} run name {{run_folder.run_name(Config(arch='resnet18'))}}", file=sys.stderr)
 """)
     proc = torchrun(script)
     assert proc.returncode == 0, proc.stderr_text[-3000:]

@@ -18,7 +18,7 @@ from config import Config
 from conftest import SAMPLE, TINY, run_main
 from images import cache_file, load_cached, load_rgb
 from losses import TrainLoss
-from model import build_model
+from model import build_model, resolve_data
 from run import Run
 from utils import native_cpu_bf16
 
@@ -32,7 +32,7 @@ def tiny_net():
 
 @pytest.mark.parametrize("split", [[8], [2, 2, 2, 2], [5, 3]])
 def test_accumulated_micro_batches_give_the_step_of_one_batch(split):
-    cfg = Config(erasing=0.0, channels_last=False, augment_on="loader")
+    cfg = resolve_data(Config(erasing=0.0, channels_last=False, augment_on="loader"))
     criterion = TrainLoss(cfg, None)
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=gen)
@@ -173,7 +173,7 @@ def test_cuda_batch_augment_matches_the_cpu():
 
 @pytest.mark.cuda
 def test_cuda_accumulation_matches_one_batch():
-    cfg = Config(erasing=0.0, augment_on="loader")
+    cfg = resolve_data(Config(erasing=0.0, augment_on="loader"))
     device = torch.device("cuda")
     images = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
     targets = torch.randint(0, 5, (8,))

@@ -20,7 +20,7 @@ from config import Config
 from conftest import ROOT, SAMPLE, TIMING_COLUMNS, TINY, error_line, run_main, wait_for
 from engine import EpochSampler
 from model import build_model
-from run import Run
+from run import Progress, Run
 from run_folder import keep_epoch_copy, remove_stale_temp_files
 from utils import make_ema
 
@@ -259,7 +259,8 @@ def test_a_run_without_fp16_resumes_on_a_gpu_that_scales_fp16_losses(trained_run
     run = Run(cfg=cfg, model=model, device=torch.device("cpu"), optimizer=optimizer, scaler=scaler,
               scheduler=engine.build_scheduler(optimizer, cfg, 9), ema=make_ema(model, 0.999), classes=("0",),
               class_counts=(1,))
-    progress = restore_training_state(ckpt, run)
+    restore_training_state(ckpt, run)
+    progress = Progress(**ckpt["progress"])
     assert progress.epoch == 2 and scaler.get_scale() == 65536.0
     assert training_checkpoint(run, progress)["scaler"]["scale"] == 65536.0
 

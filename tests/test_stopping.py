@@ -17,6 +17,7 @@ import train
 from config import Config
 from conftest import ROOT, SAMPLE, TINY, one_line_error, run_main
 from losses import TrainLoss
+from model import resolve_data
 from run import Progress, Run
 from stopping import GracefulStop
 
@@ -153,7 +154,7 @@ def batch():
 
 def step_gradient(clip, split=(8,), fp16_scaling=False):
     """The gradient that one train_step hands to the optimiser (lr 0: the weights stay, the gradient is kept)."""
-    cfg = Config(erasing=0.0, channels_last=False, augment_on="loader", clip_grad=clip)
+    cfg = resolve_data(Config(erasing=0.0, channels_last=False, augment_on="loader", clip_grad=clip))
     model = tiny_net()
     images, targets = batch()
     bounds = np.cumsum([0, *split])
@@ -192,14 +193,15 @@ sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
 import torch
 import distributed
 from test_stopping import batch, norm, step_gradient, tiny_net
-import train
+import engine
 from config import Config
+from model import resolve_data
 from losses import TrainLoss
 from run import Run
 
 distributed.setup(torch.device("cpu"))
 whole = step_gradient(0.01)  # one process, all 8 images
-cfg = Config(erasing=0.0, channels_last=False, augment_on="loader", clip_grad=0.01)
+cfg = resolve_data(Config(erasing=0.0, channels_last=False, augment_on="loader", clip_grad=0.01))
 model = tiny_net()
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 images, targets = batch()
@@ -207,7 +209,7 @@ mine = slice(4 * distributed.rank(), 4 * distributed.rank() + 4)  # each process
 run = Run(cfg=cfg, model=model, device=torch.device("cpu"), criterion=TrainLoss(cfg, None), train_model=ddp,
           optimizer=torch.optim.SGD(model.parameters(), lr=0.0), scaler=torch.amp.GradScaler("cpu", enabled=False))
 halves = [(images[mine][:2], targets[mine][:2]), (images[mine][2:], targets[mine][2:])]
-train.train_step(run, halves, epoch=0)
+engine.train_step(run, halves, epoch=0)
 grads = [p.grad for p in model.parameters()]
 same = all(torch.allclose(g, w, rtol=1e-4, atol=1e-8) for g, w in zip(grads, whole))
 print(f"rank {{distributed.rank()}} norm {{norm(grads):.6f}} matches one process {{same}}", file=sys.stderr)
