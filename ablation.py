@@ -25,7 +25,7 @@ import inference
 import train
 from config import Config
 from errors import UserError, check_folder_path, run_cli
-from history import better_weights, epoch_acc
+from history import better_weights, epoch_acc, history_table
 from plots import draw_confusion, markdown_table, pyplot, save_figure
 from scripts.score import read_csv, score
 import predict
@@ -198,7 +198,7 @@ def prediction_key(checkpoint, test_dir):
 
 def summarize(run):
     """One summary row from the run's history.csv; 'best' is the epoch train.py kept in best.pt."""
-    history = pd.read_csv(os.path.join(run["dir"], "history.csv"))
+    history = history_table(run["dir"])
     raw = history["val_acc"]
     ema = history["val_acc_ema"] if "val_acc_ema" in history else pd.Series(np.nan, index=history.index)
     chosen = history.apply(epoch_acc, axis=1)  # the weights train.py keeps, raw or EMA
@@ -268,7 +268,7 @@ def plot_curves(runs, path):
     colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 5))
     for run in runs:
-        history = pd.read_csv(os.path.join(run["dir"], "history.csv")).dropna(subset=["val_acc"])  # --val-every
+        history = history_table(run["dir"]).dropna(subset=["val_acc"])  # --val-every
         label = settings_label(run["settings"])
         colour = colours(labels.index(label) % colours.N)
         first = run["seed"] == min(r["seed"] for r in runs)  # one legend entry per setting

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+
+import pandas as pd
 
 
 def read_history(path: str) -> list[dict]:
@@ -17,6 +20,15 @@ def read_history(path: str) -> list[dict]:
     lines = text.splitlines(keepends=True)
     rows = list(csv.DictReader([line for line in lines if line.endswith("\n")]))
     return [r for r in rows if r.get("epoch_seconds") not in (None, "")]
+
+
+def history_table(run_dir: str) -> pd.DataFrame:
+    """A run folder's history.csv as a table of numbers (the loss phase as text), its complete rows only."""
+    table = pd.DataFrame(read_history(os.path.join(run_dir, "history.csv")))
+    # an empty cell (an epoch --val-every skips) is a missing number
+    numbers = {column: table[column].map(lambda v: float(v) if v != "" else math.nan) for column in table
+               if column != "loss_phase"}
+    return table.assign(**numbers)
 
 
 def better_weights(raw_acc: float, ema_acc: float | None) -> str:
