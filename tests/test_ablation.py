@@ -10,10 +10,10 @@ import dataset
 import engine
 import inference
 import train
-from conftest import SAMPLE, TINY, one_line_error, run_main
+from conftest import LIGHT, SAMPLE, TINY, one_line_error, run_main
 from model import resolve_data
 
-ARGS = ["--data-dir", SAMPLE, *TINY, "--head", "linear", "--epochs", 1]
+ARGS = ["--data-dir", SAMPLE, *LIGHT, "--epochs", 1]
 
 
 def test_default_grid_then_repeats_resume(tmp_path, capsys):

@@ -13,7 +13,7 @@ import predict
 import train
 from augment import center_crop
 from config import Config
-from conftest import SAMPLE, TINY, one_line_error, run_main, run_script
+from conftest import SAMPLE, TINY, call_script, one_line_error, run_main, run_script
 from inference import write_predictions
 from losses import TrainLoss, cross_entropy
 
@@ -41,7 +41,7 @@ def test_train_writes_every_output(trained_run):
 def test_inference_writes_one_row_per_test_image(trained_run, tmp_path):
     run_dir, _ = trained_run
     out = tmp_path / "prediction.csv"
-    proc = run_script("inference.py", "--checkpoint", run_dir / "best.pt", "--data-dir", SAMPLE, "--output", out,
+    proc = call_script("inference.py", "--checkpoint", run_dir / "best.pt", "--data-dir", SAMPLE, "--output", out,
                       "--topk", 3, "--val-dir", os.path.join(SAMPLE, "val"), "--workers", 0)
     df = pd.read_csv(out, dtype=str)
     assert list(df.columns) == ["image_name", "pred_label"]
@@ -59,7 +59,7 @@ def test_tta_modes_and_weight_choices(trained_run, tmp_path):
     run_dir, _ = trained_run
     for tta, weights in [("none", "raw"), ("flip-crops", "ema")]:
         out = tmp_path / f"{tta}.csv"
-        run_script("inference.py", "--checkpoint", run_dir / "last.pt", "--data-dir", SAMPLE, "--output", out,
+        call_script("inference.py", "--checkpoint", run_dir / "last.pt", "--data-dir", SAMPLE, "--output", out,
                    "--tta", tta, "--use", weights, "--workers", 0)
         assert len(pd.read_csv(out)) == len(os.listdir(os.path.join(SAMPLE, "test")))
 
@@ -83,21 +83,21 @@ def test_numeric_class_folders_end_to_end(tmp_path):
             for name in sorted(os.listdir(src))[:4]:
                 shutil.copy(os.path.join(src, name), dst / name)
     shutil.copytree(os.path.join(SAMPLE, "test"), data / "test")
-    run_script("train.py", "--data-dir", data, "--output-dir", tmp_path / "runs", "--run-name", "n", "--epochs", 1,
+    call_script("train.py", "--data-dir", data, "--output-dir", tmp_path / "runs", "--run-name", "n", "--epochs", 1,
                "--head", "linear", *TINY)
     ckpt = torch.load(tmp_path / "runs" / "n" / "best.pt", weights_only=True)
     assert ckpt["classes"] == [str(i) for i in range(12)]
-    run_script("inference.py", "--checkpoint", tmp_path / "runs" / "n" / "best.pt", "--data-dir", data,
+    call_script("inference.py", "--checkpoint", tmp_path / "runs" / "n" / "best.pt", "--data-dir", data,
                "--output", tmp_path / "p.csv", "--workers", 0)
     assert set(pd.read_csv(tmp_path / "p.csv", dtype=str)["pred_label"]) <= {str(i) for i in range(12)}
 
 
 def test_help_documents_every_flag():
-    text = run_script("train.py", "--help").stdout
+    text = call_script("train.py", "--help").stdout
     for f in dataclasses.fields(Config):
         assert "--" + f.name.replace("_", "-") in text, f.name
     assert "--no-ema" in text
-    text = run_script("inference.py", "--help").stdout
+    text = call_script("inference.py", "--help").stdout
     for flag in ["--checkpoint", "--data-dir", "--test-dir", "--output", "--tta", "--topk", "--batch-size",
                  "--workers", "--device", "--val-dir", "--use"]:
         assert flag in text
@@ -139,7 +139,7 @@ def test_asking_for_cuda_without_one_is_one_line(capsys, monkeypatch):
 def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "classes": ["a"], "config": {}, "payload": os.system}, path)
-    proc = run_script("inference.py", "--checkpoint", path, check=False)
+    proc = call_script("inference.py", "--checkpoint", path, check=False)
     line = one_line_error(proc.returncode, proc.stderr)
     assert "refusing to load" in line
 

@@ -75,14 +75,25 @@ def test_two_process_run_evaluates_exactly_like_one_process(ddp_run):
         assert np.isclose(val["loss"], history[column.replace("acc", "loss")].iloc[1], rtol=1e-4)
 
 
-def test_weight_check_passes_on_equal_ranks_and_catches_a_difference(tmp_path):
-    # the training run checks its ranks after every epoch (the run above passed); here one rank drifts
-    script = tmp_path / "drift.py"
-    script.write_text(f"""import sys
-sys.path.insert(0, {ROOT!r})
+# the script of small_checks
+CHECKS = """import datetime
+import sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import torch
 import distributed
+import engine
+import run_folder
+from augment import erasing_boxes
+from config import Config
+from losses import TrainLoss
+from model import resolve_data
+from run import Run
+from test_stopping import batch, norm, step_gradient, tiny_net
+from utils import seed_everything, seed_rank_streams
+
 distributed.setup(torch.device("cpu"))
+
+# the weight check: equal weights pass, a drift of 1e-6 on one rank is named
 torch.manual_seed(0)
 model = torch.nn.Linear(3, 2)
 distributed.check_in_sync(model)
@@ -94,12 +105,71 @@ try:
     distributed.check_in_sync(model)
 except RuntimeError as error:
     print(error, file=sys.stderr)
-""")
+
+# random streams: the same model on every process, then draws of its own
+seed_everything(42)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+weights = model[0].weight.detach().clone()  # built before the streams part: the same on every process
+seed_rank_streams(42)
+draws = (torch.rand(4), erasing_boxes(16, 32, 32, 1.0), model(torch.ones(8, 4)) == 0)
+theirs = distributed.gather((weights, draws))
+if distributed.rank() == 0:
+    same_weights = torch.equal(theirs[0][0], theirs[1][0])
+    same_draws = [torch.equal(a, b) for a, b in zip(theirs[0][1], theirs[1][1])]
+    print(f"weights equal {{same_weights}}, draws equal {{same_draws}}", file=sys.stderr)
+
+class Later(datetime.datetime):  # this process's clock has just passed a second
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.datetime(2026, 1, 2, 3, 4, 5 + distributed.rank())
+
+run_folder.datetime = Later
+print(f"rank {{distributed.rank()}} run name {{run_folder.run_name(Config(arch='resnet18'))}}", file=sys.stderr)
+
+# --clip-grad: the gradient averaged over the processes is clipped, as one process's of all the images
+whole = step_gradient(0.01)  # one process, all 8 images
+cfg = resolve_data(Config(erasing=0.0, channels_last=False, augment_on="loader", clip_grad=0.01))
+model = tiny_net()
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+images, targets = batch()
+mine = slice(4 * distributed.rank(), 4 * distributed.rank() + 4)  # each process its half, in two micro-batches
+run = Run(cfg=cfg, model=model, device=torch.device("cpu"), criterion=TrainLoss(cfg, None), train_model=ddp,
+          optimizer=torch.optim.SGD(model.parameters(), lr=0.0), scaler=torch.amp.GradScaler("cpu", enabled=False))
+halves = [(images[mine][:2], targets[mine][:2]), (images[mine][2:], targets[mine][2:])]
+engine.train_step(run, halves, epoch=0)
+grads = [p.grad for p in model.parameters()]
+same = all(torch.allclose(g, w, rtol=1e-4, atol=1e-8) for g, w in zip(grads, whole))
+print(f"rank {{distributed.rank()}} norm {{norm(grads):.6f}} matches one process {{same}}", file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def small_checks(tmp_path_factory):
+    """One torchrun of two processes for the checks that need no training run (each torchrun start costs three
+    Python processes): the weight check, each process's random streams and the run name, and clipping."""
+    script = tmp_path_factory.mktemp("checks") / "checks.py"
+    script.write_text(CHECKS.format(root=ROOT, tests=os.path.dirname(__file__)))
     proc = torchrun(script)
     assert proc.returncode == 0, proc.stderr_text[-3000:]
-    assert proc.stderr_text.count("equal weights pass") == 2
-    assert "rank 0 and rank 1 hold different weights" in proc.stderr_text
-    assert "rank 1 and rank 0 hold different weights" in proc.stderr_text
+    return proc.stderr_text
+
+
+def test_weight_check_passes_on_equal_ranks_and_catches_a_difference(small_checks):
+    # the training run checks its ranks after every epoch (the run above passed); here one rank drifts
+    assert small_checks.count("equal weights pass") == 2
+    assert "rank 0 and rank 1 hold different weights" in small_checks
+    assert "rank 1 and rank 0 hold different weights" in small_checks
+
+
+def test_each_process_draws_its_own_random_numbers_and_the_first_names_the_run(small_checks):
+    assert "weights equal True, draws equal [False, False, False]" in small_checks
+    assert "rank 0 run name resnet18-20260102-030405" in small_checks
+    assert "rank 1 run name resnet18-20260102-030405" in small_checks
+
+
+def test_clip_grad_under_torchrun_clips_the_averaged_gradient(small_checks):
+    for rank in (0, 1):
+        assert f"rank {rank} norm 0.010000 matches one process True" in small_checks, small_checks[-3000:]
 
 
 def test_a_stopped_two_process_run_resumes_with_two_processes_or_one(ddp_run, tmp_path, capsys):
@@ -160,45 +230,6 @@ def test_sync_bn_on_the_cpu_is_one_clear_error(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("error: --sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on "
                                             "the CPU (train without it)")
-
-
-def test_each_process_draws_its_own_random_numbers_and_the_first_names_the_run(tmp_path):
-    script = tmp_path / "streams.py"
-    script.write_text(f"""import sys
-sys.path.insert(0, {ROOT!r})
-import datetime
-import torch
-import distributed
-import run_folder
-from config import Config
-from augment import erasing_boxes
-from utils import seed_everything, seed_rank_streams
-
-distributed.setup(torch.device("cpu"))
-seed_everything(42)
-model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
-weights = model[0].weight.detach().clone()  # built before the streams part: the same on every process
-seed_rank_streams(42)
-draws = (torch.rand(4), erasing_boxes(16, 32, 32, 1.0), model(torch.ones(8, 4)) == 0)
-theirs = distributed.gather((weights, draws))
-if distributed.rank() == 0:
-    same_weights = torch.equal(theirs[0][0], theirs[1][0])
-    same_draws = [torch.equal(a, b) for a, b in zip(theirs[0][1], theirs[1][1])]
-    print(f"weights equal {{same_weights}}, draws equal {{same_draws}}", file=sys.stderr)
-
-class Later(datetime.datetime):  # this process's clock has just passed a second
-    @classmethod
-    def now(cls, tz=None):
-        return datetime.datetime(2026, 1, 2, 3, 4, 5 + distributed.rank())
-
-run_folder.datetime = Later
-print(f"rank {{distributed.rank()}} run name {{run_folder.run_name(Config(arch='resnet18'))}}", file=sys.stderr)
-""")
-    proc = torchrun(script)
-    assert proc.returncode == 0, proc.stderr_text[-3000:]
-    assert "weights equal True, draws equal [False, False, False]" in proc.stderr_text
-    assert "rank 0 run name resnet18-20260102-030405" in proc.stderr_text
-    assert "rank 1 run name resnet18-20260102-030405" in proc.stderr_text
 
 
 def test_freeze_epochs_under_torchrun_trains_the_head_then_everything(tmp_path):

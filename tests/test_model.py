@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from conftest import run_script
+from conftest import call_script
 from errors import UserError
 from model import build_model, count_params
 
@@ -79,7 +79,7 @@ def test_weights_file_of_another_arch_is_refused(tmp_path):
 
 
 def test_model_list_prints_every_arch_with_its_size():
-    out = run_script("model.py", "--list", "--num-classes", "100").stdout
+    out = call_script("model.py", "--list", "--num-classes", "100").stdout
     line = next(l for l in out.splitlines() if l.startswith("resnext101_32x8d"))
     assert "94.2M" in line and line.rstrip().endswith("yes")
     assert next(l for l in out.splitlines() if l.startswith("wide_resnet101_2")).rstrip().endswith("no")

@@ -11,7 +11,7 @@ import report
 import train
 from augment import train_transform
 from config import Config
-from conftest import ROOT, SAMPLE, TINY, one_line_error, run_main, run_script
+from conftest import ROOT, SAMPLE, TINY, call_script, one_line_error, run_main
 from errors import UserError
 
 EPOCH_COUNTED = ["focal_start", "focal_full", "mix_off_epoch", "freeze_epochs", "ema_start_epoch"]
@@ -68,7 +68,7 @@ def test_epoch_counted_flags_say_one_convention():
 
 
 def test_report_py_help_says_what_it_is(capsys):
-    proc = run_script("report.py", "--help")
+    proc = call_script("report.py", "--help")
     assert "model report" in proc.stdout and "inference.py --checkpoint" in proc.stdout and "--report" in proc.stdout
     message = one_line_error(*run_main(report.main, [], capsys)[::2])
     assert "report.py has no command of its own" in message and "inference.py" in message

@@ -11,7 +11,7 @@ import inference
 import train
 import utils
 from config import Config
-from conftest import TINY, copy_sample, run_main, run_script
+from conftest import TINY, call_script, copy_sample, run_main
 
 CPU = torch.device("cpu")
 
@@ -105,6 +105,6 @@ def test_default_workers_fit_the_cores(monkeypatch, cores, workers):
 
 def test_help_states_the_workers_rule():
     for script in ["train.py", "inference.py"]:
-        text = " ".join(run_script(script, "--help").stdout.split())
+        text = " ".join(call_script(script, "--help").stdout.split())
         assert "0 on machines with <= 2 cores, where a worker process takes the core" in text, script
         assert "at most 16" in text, script

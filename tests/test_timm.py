@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import inference
 import train
 from config import Config
-from conftest import ROOT, TIMING_COLUMNS, copy_sample, one_line_error, run_main, run_script
+from conftest import ROOT, TIMING_COLUMNS, call_script, copy_sample, one_line_error, run_main
 from finetune import param_groups, reported_lr
 from model import build_model, resolve_data, to_sync_batchnorm
 
@@ -219,7 +219,7 @@ def test_weights_default_reads_the_hub_cache_offline_and_a_miss_is_one_line(smal
 # ---------------------------------------------------------------- model.py --list
 
 def test_model_list_shows_the_pretrained_timm_models_with_size_input_and_budget():
-    out = run_script("model.py", "--list", "--filter", "res*1[48]d.*", "--max-params", "15.8e6", "--flops").stdout
+    out = call_script("model.py", "--list", "--filter", "res*1[48]d.*", "--max-params", "15.8e6", "--flops").stdout
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
     assert "resnet18" not in rows and "resnet18d.ra4_e3600_r224_in1k" in rows  # every tag that matches
     assert rows["resnet18d.ra2_in1k"][:3] == ["15.5M", "224/288", "yes"]  # trained at 224, tested at 288

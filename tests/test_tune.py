@@ -17,9 +17,9 @@ import search_space
 import train
 import trials
 import tune
-from conftest import ROOT, copy_sample, one_line_error, run_main, run_script, wait_for
+from conftest import ROOT, call_script, copy_sample, one_line_error, run_main, wait_for
 
-FIXED = ["--", "--arch", "resnet18", "--weights", "none", "--img-size", "32", "--batch-size", "32", "--workers", "0"]
+FIXED = ["--", "--arch", "test_resnet", "--weights", "none", "--img-size", "32", "--batch-size", "32", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def search_trials(study_dir, name="tune"):
 
 def test_study_resumes_and_its_winner_trains(data, tmp_path):
     out = tmp_path / "studies"
-    proc = run_script("tune.py", *tune_args(data, out, "--trials", 2, "--confirm-top", 1, "--confirm-seeds", 1))
+    proc = call_script("tune.py", *tune_args(data, out, "--trials", 2, "--confirm-top", 1, "--confirm-seeds", 1))
     study_dir = out / "tune"
     lines = proc.stdout.splitlines()
     assert [line.split(" |")[0] for line in lines if " epochs | " in line][:2] == ["trial 0", "trial 1"]
@@ -63,14 +63,14 @@ def test_study_resumes_and_its_winner_trains(data, tmp_path):
     assert {k: trial1.params[k] for k in ("augment", "head", "loss", "ema")} == dict(augment="light", head="linear",
                                                                                      loss="ce", ema=False)
 
-    proc = run_script("tune.py", *tune_args(data, out, "--trials", 1, "--confirm-seeds", 0))
+    proc = call_script("tune.py", *tune_args(data, out, "--trials", 1, "--confirm-seeds", 0))
     assert "3 trials so far" in proc.stdout  # two search trials and one confirmation run
     again = search_trials(study_dir)
     assert len(again) == 3 and {t.number: t.value for t in again if t.number in first} == first
 
     best = json.loads((study_dir / "best_config.json").read_text())
-    assert best["epochs"] == 100 and "run_name" not in best and best["arch"] == "resnet18"
-    run_script("train.py", "--config", study_dir / "best_config.json", "--epochs", 1, "--output-dir", tmp_path,
+    assert best["epochs"] == 100 and "run_name" not in best and best["arch"] == "test_resnet"
+    call_script("train.py", "--config", study_dir / "best_config.json", "--epochs", 1, "--output-dir", tmp_path,
                "--run-name", "final")
     saved = json.loads((tmp_path / "final" / "config.json").read_text())
     assert (tmp_path / "final" / "best.pt").is_file()
@@ -92,7 +92,7 @@ def test_two_processes_share_one_study(data, tmp_path):
 def test_a_pruned_trial_is_stopped_by_sigterm(data, tmp_path):
     """--prune-below 1.01 prunes every trial after its first epoch: train.py must get SIGTERM, save last.pt and
     stop long before its 30 epochs; with no complete trial there is no winner, said in one line."""
-    code = run_script("tune.py", *tune_args(data, tmp_path, "--trials", 1, "--prune-below", 1.01, "--prune-warmup",
+    code = call_script("tune.py", *tune_args(data, tmp_path, "--trials", 1, "--prune-below", 1.01, "--prune-warmup",
                                             1, "--confirm-seeds", 0, "--keep-checkpoints")[:-len(FIXED)],
                       "--epochs-per-trial", 30, *FIXED, check=False)
     assert code.returncode == 2, code.stdout + code.stderr
@@ -109,7 +109,7 @@ def test_a_pruned_trial_is_stopped_by_sigterm(data, tmp_path):
 def test_trials_with_val_every_report_their_validated_epochs(data, tmp_path):
     """-- --val-every 2 reaches every trial: the pruner sees epochs 2, 4, ... only, so the trial is pruned at
     epoch 2, the first that has a val accuracy."""
-    code = run_script("tune.py", *tune_args(data, tmp_path, "--trials", 1, "--prune-below", 1.01, "--prune-warmup",
+    code = call_script("tune.py", *tune_args(data, tmp_path, "--trials", 1, "--prune-below", 1.01, "--prune-warmup",
                                             1, "--confirm-seeds", 0)[:-len(FIXED)],
                       "--epochs-per-trial", 30, *FIXED, "--val-every", 2, check=False)
     assert code.returncode == 2, code.stdout + code.stderr
