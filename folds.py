@@ -6,10 +6,10 @@ fold) and --val-fraction (a stratified share of train/ as validation, for data w
 
 The split is drawn from the file list and --seed once and then kept: each run stores it as folds.csv (image path
 relative to --data-dir, class, fold), a resumed run uses its own again, and the later folds of --all-folds use fold
-0's (--fold-split), so an image added to the data since cannot move a trained-on image into a held-out fold. With --all-folds, every image is predicted
-once by the model that did not train on it: the out-of-fold accuracy, an estimate of how the 5-model ensemble's
-members generalise that uses all the labelled images (it is slightly optimistic: each fold's best epoch is chosen
-on the same held-out fold).
+0's (--fold-split), so an image added to the data since cannot move a trained-on image into a held-out fold.
+With --all-folds, every image is predicted once by the model that did not train on it: the out-of-fold accuracy, an
+estimate of how the 5-model ensemble's members generalise that uses all the labelled images (it is slightly
+optimistic: each fold's best epoch is chosen on the same held-out fold).
 """
 from __future__ import annotations
 

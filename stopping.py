@@ -19,7 +19,8 @@ TIME_LIMIT_EXIT = 124  # the exit code of a run stopped by --time-limit, as time
 
 class GracefulStop:
     """While active, SIGINT and SIGTERM (or the given signals) ask the training loop to stop after its current step;
-    a second SIGINT (Ctrl-C twice) stops at once. The handler only records the signal: printing from it could collide with tqdm.
+    a second SIGINT (Ctrl-C twice) stops at once. The handler only records the signal: printing from it could collide
+    with tqdm.
 
     With a time limit (seconds after `started`, a time.monotonic() reading) the loop is asked to stop as well at the
     last step boundary before the limit: when the next piece of work (the longest training step so far, or the

@@ -38,6 +38,7 @@ DATASETS = {
                20, ["--val-every", "5"]),
     "glyphs": (["scripts/glyphs.py", "--size", "32"], 30, "20m", 10, ["--val-every", "5"]),
 }
+CONFIRM_SEEDS = 2  # tune.py's default
 MODEL = ["--arch", "resnet18", "--weights", "none", "--img-size", "32", "--eval-crop-ratio", "1",
          "--batch-size", "64"]
 
@@ -88,12 +89,13 @@ def ours(data, out, name, flags):
     return scored(data, out, name, train_cmd, predict_cmd)
 
 
-def search(data, out, budget, trial_epochs, epochs, model):
+def search(data, out, budget, trial_epochs, tune_flags, model):
+    """tune.py on the dataset (tune_flags: its --final-epochs and --confirm-seeds), unless it ran before."""
     config = os.path.join(out, "search", "best_config.json")
     if not os.path.exists(config):
         length = ["--trials", budget] if budget.isdigit() else ["--budget", budget]
         run(["tune.py", "--data-dir", data, *length, "--space", "wide", "--epochs-per-trial", str(trial_epochs),
-             "--final-epochs", str(epochs), "--name", "search", "--output-dir", out, "--", *model],
+             *tune_flags, "--name", "search", "--output-dir", out, "--", *model],
             os.path.join(out, "search.log"))
     trials = pd.read_csv(os.path.join(out, "search", "trials.csv"))
     searched = trials[trials["role"] == "search"]
@@ -140,7 +142,9 @@ def one_dataset(name, args):
     epochs, budget, trial_epochs = args.epochs or epochs, args.search or budget, args.trial_epochs or trial_epochs
     seeds, root, model = args.seeds, os.path.join(args.out, name), [*MODEL, *extra]
     same_settings(root, {"epochs": epochs, "search": budget, "trial_epochs": trial_epochs, "seeds": seeds,
-                         **({"flags": extra} if extra else {})})
+                         **({"flags": extra} if extra else {}),
+                         **({"confirm_seeds": args.confirm_seeds} if args.confirm_seeds != CONFIRM_SEEDS
+                            else {})})
     data, out = os.path.join(root, "data"), os.path.join(root, "runs")
     os.makedirs(out, exist_ok=True)
     if not os.path.isdir(os.path.join(data, "train")):
@@ -153,7 +157,8 @@ def one_dataset(name, args):
     for seed in seeds:
         flags = [*model, "--epochs", str(epochs), *limit, str(seed)]
         rows.append({"recipe": "defaults", "seed": seed, **ours(data, out, f"defaults-{seed}", flags)})
-    config, info = search(data, out, budget, trial_epochs, epochs, model)
+    tune_flags = ["--final-epochs", str(epochs), "--confirm-seeds", str(args.confirm_seeds)]
+    config, info = search(data, out, budget, trial_epochs, tune_flags, model)
     fitting = min(epochs, fitting_epochs(out, wall))
     # runs are cached by name: the winner's own settings are part of it, so a search run again names new runs
     with open(config, "rb") as f:
@@ -222,11 +227,13 @@ def main():
                    "dataset's: fashion-mnist 10, digits 60, glyphs 30)")
     p.add_argument("--search", default="", help="tune.py's length: a budget (25m) or a number of trials "
                    "(default: the dataset's: 20m each)")
+    p.add_argument("--confirm-seeds", type=int, default=CONFIRM_SEEDS, help="extra seeds tune.py re-runs its "
+                   "top configurations with before it names the winner (default: %(default)s, tune.py's)")
     p.add_argument("--trial-epochs", type=int, default=0, help="epochs per search trial (default: 0 = the "
                    "dataset's: fashion-mnist 3, digits 20, glyphs 10)")
     args = p.parse_args()
-    if min(args.epochs, args.trial_epochs) < 0 or len(set(args.seeds)) != len(args.seeds):
-        p.error("--epochs and --trial-epochs cannot be negative, and --seeds must differ")
+    if min(args.epochs, args.trial_epochs, args.confirm_seeds) < 0 or len(set(args.seeds)) != len(args.seeds):
+        p.error("--epochs, --trial-epochs and --confirm-seeds cannot be negative, and --seeds must differ")
     texts, numbers, results = [], {}, {}
     for name in [args.only] if args.only else DATASETS:
         runs, info = one_dataset(name, args)

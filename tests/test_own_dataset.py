@@ -15,7 +15,7 @@ import torch
 
 import inference
 from augment import center_crop, eval_transform
-from conftest import SAMPLE, TINY, one_line_error, run_main, run_script
+from conftest import SAMPLE, TINY, call_script, one_line_error, run_main, run_script
 from dataset import FlatImages
 from export import loaded_metadata
 
@@ -57,7 +57,7 @@ def test_own_dataset_walkthrough(tmp_path):
     assert sorted(os.listdir(run_dir)) == ["lr_find.png"]  # no last.pt, best.pt, config.json, split: only the plot
     assert (run_dir / "lr_find.png").stat().st_size > 10_000
 
-    run_script("train.py", *train_args)  # the printed command starts the run in the finder's folder
+    call_script("train.py", *train_args)  # the printed command starts the run in the finder's folder
     assert {"best.pt", "last.pt", "lr_find.png", "val_split.csv"} <= set(os.listdir(run_dir))
     assert (pd.read_csv(run_dir / "val_split.csv")["split"] == "val").sum() == 80  # 20% of each class's 40
     history = pd.read_csv(run_dir / "history.csv")
@@ -65,14 +65,14 @@ def test_own_dataset_walkthrough(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["classes"] == classes
 
     predictions = tmp_path / "submission.csv"
-    run_script("inference.py", "--checkpoint", run_dir / "best.pt", "--data-dir", root, "--output", predictions,
-               "--csv-columns", "id,label", "--topk", 2, "--workers", 0)
+    call_script("inference.py", "--checkpoint", run_dir / "best.pt", "--data-dir", root, "--output", predictions,
+                "--csv-columns", "id,label", "--topk", 2, "--workers", 0)
     df = pd.read_csv(predictions, dtype=str)
     assert list(df.columns) == ["id", "label"] and set(df["label"]) <= set(classes) and len(df) == 50
     assert list(pd.read_csv(tmp_path / "submission_top2.csv").columns[:2]) == ["id", "label_1"]
 
     model = str(tmp_path / "clothes.onnx")
-    run_script("inference.py", "--checkpoint", run_dir / "best.pt", "--export", model)
+    call_script("inference.py", "--checkpoint", run_dir / "best.pt", "--export", model)
     meta = loaded_metadata(model)
     assert json.loads(meta["classes"]) == classes
     size, resize = int(meta["eval_size"]), int(meta["resize"])

@@ -17,7 +17,7 @@ import losses
 import train
 from checkpoint import restore_training_state, training_checkpoint
 from config import Config
-from conftest import ROOT, SAMPLE, TIMING_COLUMNS, TINY, error_line, run_main, wait_for
+from conftest import LIGHT, ROOT, SAMPLE, TIMING_COLUMNS, TINY, call_script, error_line, run_main, wait_for
 from engine import EpochSampler
 from model import build_model
 from run import Progress, Run
@@ -37,10 +37,12 @@ def stop_with(proc, signum):
     return proc.returncode, out, err
 
 
-def test_a_run_killed_twice_by_signals_resumes_to_the_same_history_and_weights(trained_run, tmp_path):
-    reference, _ = trained_run  # the same command, never interrupted
-    args = ["--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "tiny", "--epochs", 2, *TINY]
-    run_dir = tmp_path / "tiny"
+def test_a_run_killed_twice_by_signals_resumes_to_the_same_history_and_weights(tmp_path):
+    args = ["--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "light", "--epochs", 2, *LIGHT]
+    reference = tmp_path / "reference"  # the same command, never interrupted
+    call_script("train.py", "--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "reference", "--epochs", 2,
+                *LIGHT)
+    run_dir = tmp_path / "light"
 
     # SIGTERM mid-epoch 1, as soon as the first mid-epoch checkpoint is on disk
     proc = start_train(*args, "--save-every-steps", 2)
@@ -294,7 +296,7 @@ def test_nonfinite_steps_are_skipped_and_a_diverged_run_stops_keeping_the_last_g
 
 def test_save_share_writes_last_pt_every_few_epochs_and_always_after_the_last(tmp_path, capsys):
     # a share this small leaves every epoch after the first without its write: the last one must catch up
-    args = ["--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "short", "--epochs", 3, *TINY]
+    args = ["--data-dir", SAMPLE, "--output-dir", tmp_path, "--run-name", "short", "--epochs", 3, *LIGHT]
     code, out, err = run_main(train.main, [*args, "--save-share", 0.0001], capsys)
     assert code == 0, err
     assert "note: writing last.pt and the plots takes" in out and "--save-share 0.0001" in out

@@ -105,13 +105,19 @@ def test_plain_baseline_predicts_every_test_image(tmp_path):
 
 
 def test_search_evidence_runs_scores_and_resumes(tmp_path):
-    args = ["--only", "digits", "--seeds", 1, "--epochs", 8, "--search", 1, "--trial-epochs", 1, "--out", tmp_path]
+    args = ["--only", "digits", "--seeds", 1, "--epochs", 4, "--search", 1, "--trial-epochs", 1, "--confirm-seeds", 0,
+            "--out", tmp_path]
+    # a data folder that is there already is used as it is: a smaller digits set than the script's own
+    made = script("digits.py", "--size", 32, "--train-per-class", 10, "--test-size", 100, "--out",
+                  tmp_path / "digits" / "data")
+    assert made.returncode == 0, made.stderr
     r = script("search_evidence.py", *args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
     for recipe in ("plain", "defaults", "searched"):
         assert f"| {recipe} |" in summary
-    assert "1 trials of 1 epochs" in summary and (tmp_path / "summary.png").stat().st_size > 10_000
+    assert "1 trials of 1 epochs (0 pruned) + 0 confirmation runs" in summary
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
     numbers = json.loads((tmp_path / "summary.json").read_text())["digits"]
     assert sorted(run["recipe"] for run in numbers["runs"]) == ["defaults", "plain", "searched"]
     assert all(0 <= run["test_acc"] <= 1 and run["train_seconds"] > 0 and run["epochs"] >= 1
@@ -124,7 +130,7 @@ def test_search_evidence_runs_scores_and_resumes(tmp_path):
     again = script("search_evidence.py", *args, timeout=120)  # every run is reused: no training, same table
     assert again.returncode == 0 and (tmp_path / "summary.md").read_text() == summary
     assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]  # no command was run
-    other = script("search_evidence.py", *args[:4], "--epochs", 9, *args[6:])
+    other = script("search_evidence.py", *args[:4], "--epochs", 5, *args[6:])
     assert other.returncode != 0 and "give another --out" in other.stderr
 
 

@@ -274,18 +274,18 @@ def test_torchrun_trains_a_timm_model_on_two_processes(small_data, tmp_path):
 
 
 def test_lr_finder_sweeps_on_the_data_a_training_run_sees(small_data, tmp_path, capsys):
-    # BiT normalises with mean and std 0.5 and resizes bicubic: the sweep must feed it that, as a training run
-    # would, and name its folder as train.py does (timm/NAME is one folder); --tensorboard logs from the resolved
-    # sizes
-    argv = ["--data-dir", small_data, "--output-dir", tmp_path, "--arch", "timm/resnetv2_50x1_bit", *SMALL,
+    # timm's test ResNet normalises with mean and std 0.5 and crops 95% (BiT and the ra4 tags have their own too):
+    # the sweep must feed it that, as a training run would, and name its folder as train.py does (timm/NAME is one
+    # folder); --tensorboard logs from the resolved sizes
+    argv = ["--data-dir", small_data, "--output-dir", tmp_path, "--arch", "timm/test_resnet", *SMALL,
             "--weights", "none", "--tensorboard", "--find-lr", "--lr-find-steps", 5]
     code, out, err = run_main(train.main, argv, capsys)
     assert code == 0, err
     data_line = next(line for line in out.splitlines() if line.startswith("data: "))
-    assert data_line.startswith("data: train 32 px, eval 32 px at crop ratio 0.875, bicubic resize, mean 0.5 0.5 "
+    assert data_line.startswith("data: train 32 px, eval 32 px at crop ratio 0.95, bilinear resize, mean 0.5 0.5 "
                                 "0.5, std 0.5 0.5 0.5"), data_line
     (run_dir,) = tmp_path.iterdir()
-    assert run_dir.name.startswith("timm-resnetv2_50x1_bit-") and os.listdir(run_dir) == ["lr_find.png"]
+    assert run_dir.name.startswith("timm-test_resnet-") and os.listdir(run_dir) == ["lr_find.png"]
     command = out.split("train with: ")[1].splitlines()[0]
     assert f"--run-name {run_dir.name}" in command
 
@@ -295,4 +295,4 @@ def test_lr_finder_sweeps_on_the_data_a_training_run_sees(small_data, tmp_path, 
     assert code == 0, err
     assert data_line in out.splitlines()
     saved = torch.load(run_dir / "best.pt", weights_only=True)["config"]
-    assert saved["mean"] == saved["std"] == [0.5, 0.5, 0.5] and saved["interpolation"] == "bicubic"
+    assert saved["mean"] == saved["std"] == [0.5, 0.5, 0.5] and saved["eval_crop_ratio"] == 0.95
