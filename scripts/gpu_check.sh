@@ -66,7 +66,7 @@ bench_run() {  # timeout in seconds, batch size, parts...
         --steps 10 --repeats 3 --images 512 --workers 15 --parts "$@" --json "bench-gpu-b$batch.json" 2>&1 | quiet
 }
 
-step "CUDA tests" timeout 300 python -m pytest -q -m cuda tests
+step "CUDA tests" timeout 300 python -m pytest -q -m cuda -p no:xdist -o addopts="" tests
 step "sample run" sample_run sample 120 python train.py
 step "sample run, --compile" sample_run compiled 300 python train.py --compile
 step "sample run, torchrun 1 process" sample_run torchrun 150 torchrun --standalone --nproc_per_node 1 train.py

@@ -9,6 +9,13 @@ import types
 
 import pytest
 
+# Under pytest-xdist (pytest.ini starts one worker per core) each worker's torch, and every script it starts, gets
+# its share of the cores: two workers with a thread per core each would fight over the same cores and run slower
+# than one. Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                    // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample")
 sys.path.insert(0, ROOT)
@@ -23,6 +30,10 @@ TINY = ["--arch", "resnet18", "--weights", "none", "--img-size", "32", "--batch-
 # linear head trains several times faster than a ResNet-18 and writes checkpoints of 6 MB instead of 250 MB
 LIGHT = ["--arch", "test_resnet", "--weights", "none", "--img-size", "32", "--batch-size", "32", "--workers", "0",
          "--lr", "1e-3", "--head", "linear"]
+
+
+# torchrun on a free rendezvous port of its own (--standalone): two test workers may start one at the same time
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def run_script(script, *args, check=True, cwd=ROOT, env=None):

@@ -16,7 +16,7 @@ import inference
 import train
 from batches import collate_skipping_bad
 from config import config_from_dict
-from conftest import LIGHT, ROOT, SAMPLE, TIMING_COLUMNS, TINY, run_main, wait_for
+from conftest import LIGHT, ROOT, SAMPLE, TIMING_COLUMNS, TINY, TORCHRUN, run_main, wait_for
 from dataset import build_train_val
 from model import build_model
 from run import Run
@@ -30,8 +30,7 @@ ARGS = ["--data-dir", SAMPLE, "--epochs", 2, *LIGHT, "--batch-size", 16, "--lr-s
 
 
 def torchrun(script, *args, wait=True):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, script),
-               *map(str, args)]
+    command = [*TORCHRUN, os.path.join(ROOT, script), *map(str, args)]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if wait:

@@ -105,7 +105,9 @@ def test_plain_baseline_predicts_every_test_image(tmp_path):
 
 
 def test_search_evidence_runs_scores_and_resumes(tmp_path):
-    args = ["--only", "digits", "--seeds", 1, "--epochs", 4, "--search", 1, "--trial-epochs", 1, "--confirm-seeds", 0,
+    # 16 plain epochs: the wall time every recipe gets must hold train.py's start-up and its first validated epoch
+    # (the digits validate every 5th) while the other test worker loads the machine
+    args = ["--only", "digits", "--seeds", 1, "--epochs", 16, "--search", 1, "--trial-epochs", 1, "--confirm-seeds", 0,
             "--out", tmp_path]
     # a data folder that is there already is used as it is: a smaller digits set than the script's own
     made = script("digits.py", "--size", 32, "--train-per-class", 10, "--test-size", 100, "--out",

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import inference
 import train
 from config import Config
-from conftest import ROOT, TIMING_COLUMNS, call_script, copy_sample, one_line_error, run_main
+from conftest import ROOT, TIMING_COLUMNS, TORCHRUN, call_script, copy_sample, one_line_error, run_main
 from finetune import param_groups, reported_lr
 from model import build_model, resolve_data, to_sync_batchnorm
 
@@ -261,9 +261,8 @@ def test_an_ensemble_mixes_a_timm_fold_and_torchvision_with_tta_and_report(timm_
 
 
 def test_torchrun_trains_a_timm_model_on_two_processes(small_data, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
-               "--data-dir", str(small_data), "--output-dir", str(tmp_path), "--run-name", "ddp", "--arch",
-               "seresnext26d_32x4d", "--weights", "none", "--img-size", "32", "--batch-size", "3", "--workers", "0",
+    command = [*TORCHRUN, os.path.join(ROOT, "train.py"), "--data-dir", str(small_data), "--output-dir",
+               str(tmp_path), "--run-name", "ddp", "--arch", "seresnext26d_32x4d", "--weights", "none", "--img-size", "32", "--batch-size", "3", "--workers", "0",
                "--lr", "1e-3", "--epochs", "2", "--freeze-epochs", "1"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
