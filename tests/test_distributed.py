@@ -139,6 +139,11 @@ engine.train_step(run, halves, epoch=0)
 grads = [p.grad for p in model.parameters()]
 same = all(torch.allclose(g, w, rtol=1e-4, atol=1e-8) for g, w in zip(grads, whole))
 print(f"rank {{distributed.rank()}} norm {{norm(grads):.6f}} matches one process {{same}}", file=sys.stderr)
+
+# the process group is destroyed at exit: drop the DDP wrapper first, and leave together, or gloo may abort a
+# process whose partner has already gone
+del run, ddp
+torch.distributed.barrier()
 """
 
 
