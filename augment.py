@@ -5,7 +5,7 @@ run on the uint8 pixels with OpenCV (OpenCVAugment: crop, affine, flip, colour j
 runs torchvision's transforms on the PIL image.
 Device side (per batch, on the training device, with per-image draws): BatchAugment runs the seed list's colour
 jitter, grayscale and blur when training on CUDA (--augment-on), and random_erasing runs after normalisation in
-every case (dataset.to_float_batch calls both).
+every case (batches.to_float_batch calls both).
 
 Ops in two forms: ColorJitter (brightness, contrast, saturation, hue, in a random order), RandomGrayscale and
 GaussianBlur exist as OpenCVAugment's colour steps (loader) and BatchAugment (device). Both draw their parameters
@@ -31,6 +31,7 @@ from torchvision.utils import make_grid
 
 from errors import UserError
 from images import load_rgb
+from utils import seeded
 
 # One image is too small a job to split across threads: the loader's workers are the parallelism, and OpenCV's own
 # threads in each of them would only compete for the same cores.
@@ -142,7 +143,7 @@ class OpenCVAugment:
         x = self.geometry(np.asarray(img))
         if self.jitter is not None:
             x = self.random_blur(self.colour(x))
-        # a CHW view of the HWC pixels, not a transposed copy: the batch stays channels_last (dataset.stack_images)
+        # a CHW view of the HWC pixels, not a transposed copy: the batch stays channels_last (batches.stack_images)
         return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
 
     def geometry(self, x):
@@ -442,8 +443,7 @@ def preview_grid(samples: Sequence[tuple[str, int]], cfg: Config, images: int = 
     evaluate = eval_transform(cfg.img_size, cfg.eval_crop_ratio, cfg.interpolation)
     erase = v2.RandomErasing(p=cfg.erasing, value=[round(255 * m) for m in cfg.mean])
     tiles = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):
         for i in preview_picks([target for _, target in samples], images):
             img = load_rgb(samples[i][0])
             tiles.append(center_crop(evaluate(img), cfg.img_size))

@@ -54,15 +54,22 @@ def to_float_batch(batch: torch.Tensor, device: torch.device, norm: tuple[Sequen
     """uint8 NCHW on any device -> float on `device`, normalised with norm = (mean, std); training adds the batch
     augmentation and per-image random erasing (after normalisation, as the seed's RandomErasing)."""
     x = batch.to(device, non_blocking=True).float()  # keeps the batch's memory format
-    mean = torch.tensor(norm[0], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(norm[1], device=device).view(1, 3, 1, 1)
     if augment is not None:
+        mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in norm)
         x = augment(x.div_(255)).sub_(mean).div_(std)
-    else:  # (x / 255 - mean) / std as one scale and one shift: two passes over the batch instead of three
-        x = scale_channels_(x, 1 / (255 * std), -mean / std)
+    else:  # one scale and one shift: two passes over the batch instead of three
+        x = scale_channels_(x, *norm_factors(norm, device))
     if erasing > 0:
         x = random_erasing(x, erasing)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def norm_factors(norm: tuple[Sequence[float], Sequence[float]],
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / 255 - mean) / std as x * scale + shift: the per-channel (scale, shift), (1, 3, 1, 1) each. The exported
+    graph holds these same factors, so its float rounding is the evaluation's."""
+    mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in norm)
+    return 1 / (255 * std), -mean / std
 
 
 def scale_channels_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

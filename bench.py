@@ -226,7 +226,7 @@ def make_step(arch, cfg, device, seed_style):
     run = Run(cfg=cfg, model=model, device=device, dtype=dtype, optimizer=engine.build_optimizer(model, cfg),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), criterion=criterion)
     augment = BatchAugment.from_config(cfg)
-    micro = cfg.batch_size // cfg.accum_steps
+    micro = engine.micro_batch_size(cfg)
     batches = [(images[i:i + micro].pin_memory() if device.type == "cuda" else images[i:i + micro],
                 targets[i:i + micro]) for i in range(0, cfg.batch_size, micro)]
 
@@ -404,7 +404,7 @@ def epoch_rates(cfg, data_dir, device, steps, repeats):
     loop_rate = images / loop_seconds  # ours, the last of the two
     after = alternating_rates({"bare": bare}, cfg, device, steps, max(1, repeats - repeats // 2))["bare"]
     bare_rate = (before + after) / 2  # the load may change while the epochs run: timed on both sides of them
-    workers = default_workers(cfg.workers)
+    workers = default_workers(cfg.workers, device)
     return [row("whole epoch", f"{cfg.arch}@{cfg.img_size}, train + val, ours {workers} workers, seed 2",
                 rates["ours"], rates["seed"]),
             row("loop efficiency", f"our training loop {loop_rate:.3g} img/s over real images ({workers} workers) / "
@@ -424,7 +424,7 @@ def inference_rates(cfg, data_dir, device):
     rows = []
     for mode in TTA_MODES:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
-                                             **loader_options(default_workers(cfg.workers), device))
+                                             **loader_options(default_workers(cfg.workers, device), device))
 
         def run():
             for images, _, _ in loader:
@@ -454,7 +454,7 @@ def main(argv=None):
                               workers=-1))
     if emulated_bf16_note(cfg, device):  # the figures would time emulated bf16: say so, as train.py does
         print(f"warning: {emulated_bf16_note(cfg, device)}")
-    worker_counts = args.workers if args.workers is not None else sorted({0, default_workers(-1)})
+    worker_counts = args.workers if args.workers is not None else sorted({0, default_workers(-1, device)})
     threads = torch.get_num_threads()
     meta = dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()),
                 cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -18,7 +18,7 @@ best.pt, the weights of the best epoch (what inference.py reads):
 last.pt (and its epoch-NNN.pt copies), everything a resumed run needs:
     model, ema     the raw weights and the EMA's (None without --ema); ema_updates: the EMA's update count
     optimizer, scheduler, scaler   their state_dicts (scaler is empty when fp16 loss scaling is off)
-    progress       resume.Progress as a dict: epoch, step and position in the epoch, history, best score, ...
+    progress       run.Progress as a dict: epoch, step and position in the epoch, history, best score, ...
     rng            rank 0's python/numpy/torch/CUDA generator states; rng_ranks: every process's, under torchrun
     epoch          epochs completed (when progress.step is 0); classes, class_counts, config, torch_version
 
@@ -38,6 +38,7 @@ import torch
 import distributed
 from errors import UserError
 from run import Progress, Run
+from run_folder import last_path
 from utils import rank_rng_states, restore_rng, rng_state
 
 
@@ -177,7 +178,7 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def restore_training_state(ckpt: dict[str, Any], run: Run, replay_steps: int | None = None) -> None:
     """Load a last.pt (training_checkpoint) into a freshly built run.Run: weights, EMA, optimiser, scheduler, grad
-    scaler and the random generators (its Progress is Progress(**ckpt["progress"])).
+    scaler and the random generators (its Progress is saved_progress(ckpt)).
 
     replay_steps: the schedule changed on resume (--allow-schedule-change): instead of loading the old scheduler,
     step the new one that many times, and keep the new optimiser hyper-parameters (lr, weight decay).
@@ -212,8 +213,13 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     scaler.load_state_dict(state)
 
 
+def saved_progress(ckpt: dict[str, Any] | None) -> Progress:
+    """Where a run stands: a resumed run's saved Progress, or a new run's."""
+    return Progress(**ckpt["progress"]) if ckpt else Progress()
+
+
 def save_last(run: Run, progress: Progress) -> None:
     """last.pt, written by rank 0 with every process's random generators (all processes call this together)."""
     rngs = rank_rng_states()
     if distributed.is_main():
-        save_atomic(training_checkpoint(run, progress, rngs), os.path.join(run.run_dir, "last.pt"))
+        save_atomic(training_checkpoint(run, progress, rngs), last_path(run.run_dir))

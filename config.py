@@ -37,9 +37,10 @@ class Config:
     data_dir: str = opt("data", "dataset root holding train/<class>/ and val/<class>/", group="data")
     output_dir: str = opt("checkpoints", "where run folders are written", group="data")
     run_name: str = opt("", "run folder name under --output-dir (default: <arch>-<date>-<time>)", group="data")
-    workers: int = opt(-1, "data loader worker processes (-1: 0 on machines with <= 2 cores, where a worker "
-                           "process takes the core the training step needs; else one per core but the main "
-                           "process's, at most 16)", group="data")
+    workers: int = opt(-1, "data loader worker processes (-1: on the CPU, 0 on machines with <= 2 cores, where a "
+                           "worker process takes the core the training step needs, else one per core but the main "
+                           "process's; on a GPU, one per core shared among the GPU processes of the machine, at least "
+                           "one each; at most 16)", group="data")
     cache: str = opt("", "folder for a pre-resized copy of the images (short side 9/7 of --img-size, JPEG q95), "
                          "written on first use and rebuilt for files that change; empty = decode the originals",
                      group="data")

@@ -12,7 +12,6 @@ import copy
 import os
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from augment import eval_crop, eval_sizes, eval_transform, train_transform
 from config import Config, require_resolved
 from errors import UserError
 from images import IMAGE_EXTENSIONS, BadImage, cache_side, load_rgb, open_image, plain_jpeg_rgb
+from utils import seeded
 
 # Windows Explorer and macOS (a folder's custom icon) leave these in image folders; like dotfiles, never data
 OS_DROPPINGS = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r"}
@@ -128,17 +128,6 @@ class LabelledImages(torch.utils.data.Dataset):
             return None, target, str(e)  # the training loop names it and counts it
         with seeded(seed):
             return self.transform(img), target, path
-
-
-@contextmanager
-def seeded(seed):
-    """Draw from torch's generator seeded with `seed`, leaving the global stream as it was (None: no change)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
 
 
 class FlatImages(torch.utils.data.Dataset):

@@ -34,7 +34,7 @@ from losses import TrainLoss, class_weights
 from mix import build_mixer, count_correct
 from model import to_sync_batchnorm
 from run import Progress, Run, unwrap
-from run_folder import EpochWrites
+from run_folder import EpochWrites, last_path, write_skipped
 from stopping import GracefulStop
 from tensorboard_log import Board
 from utils import amp_dtype, autocast, default_workers, make_ema, seed_worker
@@ -47,7 +47,7 @@ Loaders = collections.namedtuple("Loaders", "train val sampler")
 
 
 def make_loaders(cfg: Config, train_set: LabelledImages, val_set: LabelledImages, device: torch.device) -> Loaders:
-    workers = default_workers(cfg.workers)
+    workers = default_workers(cfg.workers, device)
     # the loaders get generators of their own: starting an epoch draws nothing from the global generator, which a
     # resumed run sets back to where the stopped run left it
     common = dict(loader_options(workers, device), worker_init_fn=seed_worker,
@@ -64,7 +64,7 @@ def make_loaders(cfg: Config, train_set: LabelledImages, val_set: LabelledImages
     return Loaders(train_loader, val_loader, sampler)
 
 
-def micro_batch_size(cfg):
+def micro_batch_size(cfg: Config) -> int:
     if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
         raise UserError(f"--accum-steps {cfg.accum_steps} must be at least 1 and divide --batch-size "
                         f"{cfg.batch_size}")
@@ -216,6 +216,24 @@ def train_step(run: Run, micro_batches: Sequence[tuple[torch.Tensor, torch.Tenso
     return value, correct, total
 
 
+def steps_per_epoch(loader: torch.utils.data.DataLoader, cfg: Config) -> int:
+    """Optimiser steps in one epoch of `loader`: --accum-steps micro-batches each, the last step taking what is left."""
+    return math.ceil(len(loader) / cfg.accum_steps)
+
+
+def readable_groups(groups: Iterable[list], progress: Progress | None = None,
+                    run_dir: str | None = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each step's micro-batches with the unreadable images left out (named once, with a progress to keep them in);
+    a step whose every image was unreadable is skipped."""
+    for group in groups:
+        if progress is not None:
+            for _, _, bad_files in group:
+                report_bad_files(bad_files, progress, run_dir)
+        group = [(images, targets) for images, targets, _ in group if len(images)]
+        if group:
+            yield group
+
+
 def train_one_epoch(run: Run, loader: torch.utils.data.DataLoader, epoch: int, progress: Progress,
                     stop: GracefulStop) -> bool:
     """Train on the epoch's remaining batches, keeping `progress` current after every step so that last.pt can be
@@ -224,17 +242,12 @@ def train_one_epoch(run: Run, loader: torch.utils.data.DataLoader, epoch: int, p
     run.trained.train()
     set_backbone_frozen(run.plain, backbone_frozen(cfg, epoch))  # back to eval mode for a frozen backbone
     augment = BatchAugment.from_config(cfg)
-    steps = math.ceil(len(loader) / cfg.accum_steps)
-    bar = tqdm(micro_batch_groups(loader, cfg.accum_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               dynamic_ncols=True, initial=progress.step, total=progress.step + steps,
+    groups = readable_groups(micro_batch_groups(loader, cfg.accum_steps), progress, run.run_dir)
+    bar = tqdm(groups, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+               initial=progress.step, total=progress.step + steps_per_epoch(loader, cfg),
                disable=not distributed.is_main())
     start = time.perf_counter()
     for group in bar:
-        for _, _, bad_files in group:
-            report_bad_files(bad_files, progress, run.run_dir)
-        group = [(images, targets) for images, targets, _ in group if len(images)]
-        if not group:
-            continue
         count_step(run, progress, *train_step(run, group, epoch, augment))
         now = time.perf_counter()
         stop.step_took(now - start)
@@ -276,7 +289,7 @@ def skip_nonfinite_step(value, progress, cfg, dtype, run_dir):
     tqdm.write(f"warning: the loss is {value} at {where}: step skipped")
     if progress.nonfinite_in_a_row >= NONFINITE_LIMIT:
         fp16 = ", or train without fp16 (--amp off)" if dtype == torch.float16 else ""
-        last = os.path.join(run_dir, "last.pt")
+        last = last_path(run_dir)
         kept = f"; {last} still holds the last good state" if os.path.exists(last) else ""
         raise UserError(f"the loss was not finite for {NONFINITE_LIMIT} steps in a row up to {where}: training "
                         f"diverged; lower --lr (it is {cfg.lr:g}){fp16}{kept}")
@@ -359,8 +372,7 @@ def report_bad_files(bad: Iterable[str], progress: Progress, run_dir: str | None
         tqdm.write(f"warning: skipped unreadable image {message}")
     progress.skipped_files = sorted(set(progress.skipped_files) | set(new))
     if new and run_dir and distributed.is_main():
-        with open(os.path.join(run_dir, "skipped_images.txt"), "w") as f:
-            f.write("\n".join(progress.skipped_files) + "\n")
+        write_skipped(run_dir, progress.skipped_files)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -13,8 +13,9 @@ The exported graph, input `images` -> output `probs`:
     probs    float32, (N, number of classes): softmax probabilities in the order of the metadata's `classes`;
              averaged over the horizontal flip with --tta flip (inference.py's default) and over the models of an
              ensemble, exactly as inference.py averages them.
-Converting to float, dividing by 255 and normalising with the ImageNet mean and std happen inside the graph, so no
-caller can get the normalisation wrong. The weights are float32, whichever --amp the run trained with.
+Converting to float, dividing by 255 and normalising with each model's own mean and std (its checkpoint's: the
+architecture's, or the run's --mean and --std) happen inside the graph, so no caller can get the normalisation wrong.
+The weights are float32, whichever --amp the run trained with.
 
 Metadata (ONNX: the model's metadata_props; TorchScript: the extra file metadata.json, read with
 torch.jit.load(path, _extra_files={"metadata.json": ""})), every value a string:
@@ -43,8 +44,9 @@ import numpy as np
 import torch
 
 from augment import eval_crop, eval_sizes
-from batches import normalisation
+from batches import norm_factors, normalisation, scale_channels_
 from errors import UserError
+from predict import crop_views, mean_over_views
 
 FORMATS = {".onnx": "ONNX", ".pt": "TorchScript"}
 ONNX_OPSET = 17  # run by every ONNX Runtime since 1.11 and by TensorRT 8.6+
@@ -54,24 +56,23 @@ CHECK_TOLERANCE = 1e-4
 
 class Exported(torch.nn.Module):
     """uint8 centre crops (N, 3, S, S) -> softmax probabilities (N, C), the mean over the models and, with flip,
-    over each crop and its mirror: inference.predict_probs for one batch, normalisation included."""
+    over each crop and its mirror: predict.predict_probs for one batch, normalisation included."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], norms: Sequence[tuple], flip: bool):
+    def __init__(self, models: Sequence[torch.nn.Module], norms: Sequence[tuple], tta: str):
         super().__init__()
-        self.models, self.flip = torch.nn.ModuleList(models), flip
-        # each model's own input normalisation (a timm model may have its own mean and std)
-        self.register_buffer("means", torch.tensor([list(mean) for mean, _ in norms]).view(len(norms), 1, 3, 1, 1))
-        self.register_buffer("stds", torch.tensor([list(std) for _, std in norms]).view(len(norms), 1, 3, 1, 1))
+        self.models, self.tta = torch.nn.ModuleList(models), tta
+        # each model's own input normalisation (a timm model may have its own mean and std), as buffers so that
+        # they follow the module to a device; (models, 1, 3, 1, 1) each
+        scales, shifts = zip(*(norm_factors(norm) for norm in norms))
+        self.register_buffer("scales", torch.stack(scales))
+        self.register_buffer("shifts", torch.stack(shifts))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # the operations of dataset.to_float_batch in its order, so the float rounding matches inference.py's
-        scaled = images.float() / 255
+        # batches.to_float_batch's scale and shift, and predict.py's views and average: inference.py's rounding
         total = None
         for i, model in enumerate(self.models):
-            x = (scaled - self.means[i]) / self.stds[i]
-            views = torch.cat([x, x.flip(-1)]) if self.flip else x
-            probs = model(views).softmax(1)
-            probs = probs.view(-1, images.shape[0], probs.shape[1]).mean(0)  # (views, N, C) -> (N, C)
+            views = crop_views(scale_channels_(images.float(), self.scales[i], self.shifts[i]), self.tta)
+            probs = mean_over_views(model(torch.cat(views)), len(views))
             total = probs if total is None else total + probs
         return total / len(self.models)
 
@@ -88,7 +89,7 @@ def export_members(members: Sequence[Any], classes: Sequence[str], path: str, tt
                         "takes one input size; pass --eval-size and --eval-crop-ratio to set one for all")
     crop, ratio, _ = sizes.pop()
     wrapper = Exported([m.model.float().cpu().eval() for m in members], [normalisation(m.cfg) for m in members],
-                       flip=tta == "flip").eval()
+                       tta).eval()
     meta = metadata(members, classes, crop, ratio, tta)
     example = torch.randint(0, 256, (2, 3, crop, crop), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -81,8 +81,8 @@ def parse_args(argv=None):
                    help="with --val-dir: also report the val accuracy at each of these crop sizes, to find the best "
                         "test resolution for a model trained at another one")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=-1, help="loader processes; -1: 0 on machines with <= 2 cores, "
-                   "where a worker process takes the core the model needs, else one per other core, at most 16")
+    p.add_argument("--workers", type=int, default=-1, help="loader processes; -1 as in train.py: on the CPU none on "
+                   "<= 2 cores, else one per other core; on a GPU one per core shared by its processes; at most 16")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to predict: auto = cuda when available, else cpu; under torchrun each process takes "
                         "its own GPU (default: %(default)s)")
@@ -228,7 +228,7 @@ def make_loader(dataset, batch_size, workers, device):
     """The loader of this process's contiguous share of the dataset (all of it in a single process)."""
     dataset = torch.utils.data.Subset(dataset, distributed.shard(len(dataset)))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                       **loader_options(default_workers(workers), device))
+                                       **loader_options(default_workers(workers, device), device))
 
 
 def ensemble_probs(members, make_dataset, args, device, mode, desc):

@@ -40,7 +40,7 @@ from tqdm import tqdm
 import distributed
 from augment import BatchAugment
 from config import Config
-from engine import Loaders, micro_batch_groups, train_step
+from engine import Loaders, micro_batch_groups, readable_groups, steps_per_epoch, train_step
 from errors import UserError
 from finetune import set_backbone_frozen
 from plots import pyplot, save_figure
@@ -100,8 +100,7 @@ def find_lr(run: Run, loaders: Loaders, args: argparse.Namespace, argv: Sequence
     """Sweep, restore, plot, suggest, with the very step the training runs (engine.train_step). loaders: the run's
     (the training loader and its epoch sampler); argv: the command line, for the command printed at the end.
     Returns the exit code."""
-    steps_per_epoch = len(loaders.train) // run.cfg.accum_steps
-    n = args.lr_find_steps or min(AUTO_STEPS[1], max(AUTO_STEPS[0], steps_per_epoch))
+    n = args.lr_find_steps or min(AUTO_STEPS[1], max(AUTO_STEPS[0], steps_per_epoch(loaders.train, run.cfg)))
     lrs = np.geomspace(*args.lr_find_range, n)
     saved = snapshot(run)
     try:
@@ -148,11 +147,9 @@ def batch_groups(loaders: Loaders, accum_steps: int) -> Iterator[list[tuple[torc
     for epoch in itertools.count():
         loaders.sampler.start_epoch(epoch)
         steps = 0
-        for group in micro_batch_groups(loaders.train, accum_steps):
-            group = [(images, targets) for images, targets, _ in group if len(images)]  # unreadable images: left out
-            if group:
-                steps += 1
-                yield group
+        for group in readable_groups(micro_batch_groups(loaders.train, accum_steps)):
+            steps += 1
+            yield group
         if not steps:
             raise UserError("the training loader gave no batch: no readable training images")
 

@@ -179,10 +179,6 @@ def to_sync_batchnorm(model: nn.Module) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def head_parameters(model):
-    return list(model.fc.parameters())
-
-
 def backbone_stages(model: nn.Module) -> list[tuple[str, list[str]]]:
     """(stage, parameter names) of the backbone, input side first; the head (fc) is not a stage. A torchvision
     ResNet's: stem (conv1, bn1), layer1 .. layer4; a timm model's: as its own group_matcher groups them."""

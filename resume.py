@@ -12,6 +12,7 @@ from checkpoint import restore_training_state
 from config import Config, config_from_dict, with_implied
 from errors import UserError
 from run import Progress
+from run_folder import last_path
 from utils import short_list
 
 if TYPE_CHECKING:
@@ -26,21 +27,12 @@ FREE_ON_RESUME = {"data_dir", "output_dir", "run_name", "workers", "device", "we
 FIXED_ON_RESUME = {"arch", "head", "batch_size", "ema", "max_params"}
 
 
-# ---------------------------------------------------------------- the epoch order
-
-
-# ---------------------------------------------------------------- random number generators
-
-
-# ---------------------------------------------------------------- the training state
-
-
 # ---------------------------------------------------------------- --resume
 
 def resume_path(resume: str, run_dir: str) -> str | None:
     """The checkpoint that --resume names: a file, or 'auto' = the run folder's last.pt when there is one."""
     if resume == "auto":
-        path = os.path.join(run_dir, "last.pt")
+        path = last_path(run_dir)
         return path if os.path.isfile(path) else None
     if not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such checkpoint")
@@ -68,12 +60,6 @@ def resumed_config(saved: dict[str, Any], given: dict[str, Any],
     cfg = with_implied(dataclasses.replace(cfg, **changed))
     schedule_changed = any(k not in FREE_ON_RESUME for k in changed)
     return cfg, schedule_changed
-
-
-# ---------------------------------------------------------------- files
-
-
-# ---------------------------------------------------------------- signals
 
 
 def check_resume_data(ckpt: dict[str, Any], classes: list[str], train_images: int, allow_change: bool) -> None:

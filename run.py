@@ -33,7 +33,7 @@ class Run:
     run_dir: str = ""
     board: object = None  # tensorboard_log.Board with --tensorboard, on rank 0
     train_model: Optional[torch.nn.Module] = None  # what the epoch trains: the model, or its DDP wrapper
-    writes: object = None  # resume.EpochWrites: when last.pt and the plots are written (--save-share)
+    writes: object = None  # run_folder.EpochWrites: when last.pt and the plots are written (--save-share)
 
     @property
     def plain(self) -> torch.nn.Module:

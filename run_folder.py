@@ -2,7 +2,9 @@
 of last.pt, and when last.pt and the plots are written (--save-share)."""
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import os
 import re
 import shutil
@@ -10,6 +12,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import torch
 
 import distributed
@@ -27,6 +30,31 @@ RUN_FILES = ["last.pt", "best.pt", "epoch-*.pt", ".tmp-*.pt", "config.json", "hi
              "confusion_matrix.png", "confusion_matrix.csv", "folds.csv", "val_split.csv", "oof.csv",
              "skipped_images.txt", "test_prediction_*",
              "*.tmp.png", "tensorboard", "report", "fold[0-9]*"]
+
+
+def last_path(run_dir: str) -> str:
+    """The run's resumable checkpoint, the file every stop writes and --resume auto looks for."""
+    return os.path.join(run_dir, "last.pt")
+
+
+def write_config(run_dir: str, cfg: Config, classes: list[str], processes: int) -> None:
+    """config.json: the run's settings as given (a run trains again from it with --config), its classes, and how
+    many processes trained it."""
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dict(dataclasses.asdict(cfg), classes=list(classes), processes=processes), f, indent=2)
+
+
+def write_history(run_dir: str, history: list[dict]) -> None:
+    """history.csv: one row per epoch (history.py reads it back)."""
+    pd.DataFrame(history).to_csv(os.path.join(run_dir, "history.csv"), index=False, float_format="%.6g")
+
+
+def write_skipped(run_dir: str, skipped_files: list[str]) -> str:
+    """skipped_images.txt: every unreadable image the run has left out, one per line; returns its path."""
+    path = os.path.join(run_dir, "skipped_images.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(skipped_files) + "\n")
+    return path
 
 
 def run_files(run_dir: str) -> list[str]:
@@ -67,7 +95,7 @@ def keep_epoch_copy(run_dir: str, epoch: int, keep: int) -> None:
     """Keep last.pt as epoch-NNN.pt too (a hard link: no second write), then prune all but the newest `keep`."""
     if keep <= 0:
         return
-    last, copy = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, f"epoch-{epoch:03d}.pt")
+    last, copy = last_path(run_dir), os.path.join(run_dir, f"epoch-{epoch:03d}.pt")
     if os.path.exists(copy):
         os.remove(copy)
     try:

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 import distributed
+from run_folder import last_path
 
 if TYPE_CHECKING:
     from config import Config
@@ -99,9 +100,20 @@ def plateaued(cfg: Config, progress: Progress, last: str) -> bool:
     return True
 
 
+def epoch_ends_run(run: Run, progress: Progress, stop: GracefulStop) -> str | None:
+    """After a recorded epoch, what ends the run before its last epoch: "plateau" (--patience: it ends as a finished
+    run does) or "stopped" (a signal or --time-limit on any process: stop_run reports it); None: it goes on."""
+    if plateaued(run.cfg, progress, last_path(run.run_dir)):
+        return "plateau"
+    # after the last epoch there is nothing left to stop: the run ends as finished
+    if progress.epoch < run.cfg.epochs and distributed.any_rank(stop.requested, run.device):
+        return "stopped"
+    return None
+
+
 def stop_run(stop: GracefulStop, progress: Progress, run: Run, steps_per_epoch: int) -> int:
     """After a signal or --time-limit: last.pt is saved; say where the run stopped and how it resumes."""
-    last = os.path.join(run.run_dir, "last.pt")
+    last = last_path(run.run_dir)
     reason = stop.name or f"--time-limit {run.cfg.time_limit}"
     print(f"{reason}: stopped at epoch {progress.epoch + 1} step {progress.step}/{steps_per_epoch}; "
           f"saved {last}")

@@ -28,14 +28,14 @@ import sys
 import time
 from typing import Any
 
-import pandas as pd
 
 import distributed
-from checkpoint import best_checkpoint, load_resumable, save_atomic, save_last
+from checkpoint import best_checkpoint, load_resumable, save_atomic, save_last, saved_progress
 from config import (Config, add_config_args, check_config, config_file_args, config_from_args, read_config_file,
                     time_limit_seconds)
 from dataset import build_train_val, check_images, list_files, not_images_note
-from engine import build_run, epoch_scores, make_loaders, report_bad_files, scaled_lr, train_one_epoch, training_module
+from engine import (build_run, epoch_scores, make_loaders, report_bad_files, scaled_lr, steps_per_epoch,
+                    train_one_epoch, training_module)
 from errors import UserError, run_cli
 from finetune import backbone_frozen, reported_lr
 from folds import FOLD_SPLIT, VAL_SPLIT, fold_datasets, run_all_folds, val_fraction_datasets, write_oof, write_split
@@ -46,8 +46,9 @@ from model import build_model, check_params, count_params, data_summary, resolve
 from plots import plot_confusion, plot_curves
 from resume import check_resume_data, resume_path, resume_training, resumed_config
 from run import Progress, Run
-from run_folder import folds_parent, keep_epoch_copy, new_run_dir, remove_stale_temp_files, run_name
-from stopping import GracefulStop, plateaued, stop_run, update_plateau
+from run_folder import (folds_parent, keep_epoch_copy, new_run_dir, remove_stale_temp_files, run_name, write_config,
+                        write_history)
+from stopping import GracefulStop, epoch_ends_run, stop_run, update_plateau
 from utils import default_workers, emulated_bf16_note, pick_device, precision_name, seed_everything, seed_rank_streams
 
 
@@ -210,8 +211,7 @@ def record_epoch(run: Run, progress: Progress, epoch: int, scores: dict, val_set
         run.board.log_epoch(row, os.path.join(run.run_dir, "confusion_matrix.png") if improved else None)
     progress.epoch, progress.step, progress.done = epoch + 1, 0, 0
     if distributed.is_main():
-        pd.DataFrame(progress.history).to_csv(os.path.join(run.run_dir, "history.csv"), index=False,
-                                              float_format="%.6g")
+        write_history(run.run_dir, progress.history)
     if run.cfg.keep_epochs or run.writes.due(run.device):
         write_epoch_files(run, progress)
     print(epoch_line(run.cfg, row, scores, improved))
@@ -348,44 +348,50 @@ def describe(run, train_set, val_set):
     print(data_summary(cfg))
     if distributed.is_main():
         remove_stale_temp_files(run.run_dir)
-        with open(os.path.join(run.run_dir, "config.json"), "w") as f:
-            json.dump(dict(dataclasses.asdict(cfg), classes=list(run.classes), processes=n), f, indent=2)
+        write_config(run.run_dir, cfg, run.classes, n)
 
 
 def fit(run: Run, loaders, progress: Progress, started: float) -> int:
-    """The epoch loop: train, validate, keep what the epoch gave; returns the exit code. started: time.monotonic()
-    when the run began, from which --time-limit counts."""
-    cfg, frozen = run.cfg, None
-    steps_per_epoch = math.ceil(len(loaders.train) / cfg.accum_steps)
-    with GracefulStop(time_limit_seconds(cfg.time_limit), started) as stop:
-        for epoch in range(progress.epoch, cfg.epochs):
-            if backbone_frozen(cfg, epoch) != frozen:
-                frozen = backbone_frozen(cfg, epoch)
-                run.train_model = training_module(run, frozen)
-            if progress.done == 0:
-                progress.start_epoch(reported_lr(run.optimizer))
-            loaders.sampler.start_epoch(epoch, progress.done)
-            finished = train_one_epoch(run, loaders.train, epoch, progress, stop)
-            scores = epoch_scores(run, loaders.val, epoch, stop) if finished else None
-            if scores is None:  # stopped by a signal or the time limit mid-epoch
-                write_epoch_files(run, progress)
-                return stop_run(stop, progress, run, steps_per_epoch)
-            stop.validation_took(scores["seconds"])
-            record_epoch(run, progress, epoch, scores, loaders.val.dataset.dataset)
-            if plateaued(cfg, progress, os.path.join(run.run_dir, "last.pt")):
-                break
-            # after the last epoch there is nothing left to stop: the run ends as finished
-            if progress.epoch < cfg.epochs and distributed.any_rank(stop.requested, run.device):
-                catch_up_writes(run, progress)
-                return stop_run(stop, progress, run, steps_per_epoch)
-    catch_up_writes(run, progress)
+    """Train the remaining epochs, then say how the run ended; returns the exit code. started: time.monotonic() when
+    the run began, from which --time-limit counts."""
+    with GracefulStop(time_limit_seconds(run.cfg.time_limit), started) as stop:
+        stopped = train_epochs(run, loaders, progress, stop)
+    if stopped:
+        return stop_run(stop, progress, run, steps_per_epoch(loaders.train, run.cfg))
     if run.board is not None:
         run.board.close()
     best = progress.best
     print(f"best val accuracy {best['acc']:.4f} at epoch {best['epoch']} ({best['source']} weights)")
     print(f"run folder: {run.run_dir}")
-    print(f"next: python inference.py --checkpoint {os.path.join(run.run_dir, 'best.pt')} --data-dir {cfg.data_dir}")
+    print(f"next: python inference.py --checkpoint {os.path.join(run.run_dir, 'best.pt')} --data-dir "
+          f"{run.cfg.data_dir}")
     return 0
+
+
+def train_epochs(run: Run, loaders, progress: Progress, stop: GracefulStop) -> bool:
+    """The epoch loop: train, validate, keep what the epoch gave, up to the last epoch or the --patience plateau.
+    True when a signal or --time-limit stopped it, once last.pt holds the state to resume from."""
+    cfg, frozen = run.cfg, None
+    for epoch in range(progress.epoch, cfg.epochs):
+        if backbone_frozen(cfg, epoch) != frozen:
+            frozen = backbone_frozen(cfg, epoch)
+            run.train_model = training_module(run, frozen)
+        if progress.done == 0:
+            progress.start_epoch(reported_lr(run.optimizer))
+        loaders.sampler.start_epoch(epoch, progress.done)
+        finished = train_one_epoch(run, loaders.train, epoch, progress, stop)
+        scores = epoch_scores(run, loaders.val, epoch, stop) if finished else None
+        if scores is None:  # stopped by a signal or the time limit mid-epoch
+            write_epoch_files(run, progress)
+            return True
+        stop.validation_took(scores["seconds"])
+        record_epoch(run, progress, epoch, scores, loaders.val.dataset.dataset)
+        ending = epoch_ends_run(run, progress, stop)
+        if ending:
+            catch_up_writes(run, progress)
+            return ending == "stopped"
+    catch_up_writes(run, progress)
+    return False
 
 
 # ---------------------------------------------------------------- main
@@ -406,14 +412,14 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets = build_train_val(cfg)
     model = new_model(cfg, datasets[2], ckpt)  # before the scan: a model over --max-params stops at once
-    progress = Progress(**ckpt["progress"]) if ckpt else Progress()  # where the run stands
+    progress = saved_progress(ckpt)  # where the run stands
     train_set, val_set = load_data(opened, datasets, progress, args.allow_schedule_change)
     loaders = make_loaders(cfg, train_set, val_set, device)
-    steps_per_epoch = math.ceil(len(loaders.train) / cfg.accum_steps)
-    run = build_run(cfg, model, device, train_set, steps_per_epoch, opened.run_dir)
+    steps = steps_per_epoch(loaders.train, cfg)
+    run = build_run(cfg, model, device, train_set, steps, opened.run_dir)
     seed_rank_streams(cfg.seed)  # every process built the same model; from here each draws its own numbers
     if ckpt:
-        resume_training(ckpt, run, progress, steps_per_epoch, opened.schedule_changed)
+        resume_training(ckpt, run, progress, steps, opened.schedule_changed)
     describe(run, train_set, val_set)
     return find_lr(run, loaders, args, argv) if args.find_lr else fit(run, loaders, progress, started)
 

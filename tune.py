@@ -94,9 +94,6 @@ def parse_args(argv=None):
     return args, [a for a in train_args if a != "--"]
 
 
-# ---------------------------------------------------------------- the space: read, check, sample
-
-
 # ---------------------------------------------------------------- the study
 
 def check_train_args(train_args, space):
@@ -260,12 +257,6 @@ def search_trials(search: Search, study) -> None:
                       "or shorten the trials (--epochs-per-trial, a smaller --img-size) or the confirmation "
                       "(--confirm-top, --confirm-seeds)")
             break
-
-
-# ---------------------------------------------------------------- the plan, said before the first trial
-
-
-# ---------------------------------------------------------------- honest selection
 
 
 # ---------------------------------------------------------------- outputs

@@ -7,8 +7,8 @@ import functools
 import os
 import random
 import signal
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,6 +92,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Draw from torch's generator seeded with `seed`, leaving the global stream as it was (None: no change): an
+    image's augmentation, or a preview inside a training run, without moving the run's own draws."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 # ---------------------------------------------------------------- device, precision, loader workers
 
 def pick_device(name: str) -> torch.device:
@@ -106,13 +118,18 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_workers(requested: int) -> int:
-    """--workers -1: no worker process on a machine with 2 cores or fewer, where a worker takes the core the
-    training step needs (measured: --workers 0 trains as fast as 1 or faster on 2 cores); else one per core but
-    the main process's, at most 16."""
+def default_workers(requested: int, device: torch.device | None = None) -> int:
+    """--workers -1 for work on the CPU (device None or cpu): no worker process on a machine with 2 cores or fewer,
+    where a worker takes the core the training step needs (measured: --workers 0 trains as fast as 1 or faster on 2
+    cores), else one per core but the main process's, at most 16. On a GPU the step leaves the cores free to decode
+    and augment while it computes (a 2-core notebook with a T4 would otherwise feed the GPU from its main process
+    alone): one worker per core, shared among the GPU processes of this machine (torchrun's LOCAL_WORLD_SIZE), at
+    least one each, at most 16."""
     if requested >= 0:
         return requested
     cores = usable_cores()
+    if device is not None and device.type == "cuda":
+        return max(1, min(16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
     return 0 if cores <= 2 else min(16, cores - 1)
 
 

@@ -100,11 +100,24 @@ def test_default_workers_fit_the_cores(monkeypatch, cores, workers):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert utils.default_workers(-1) == workers
+    assert utils.default_workers(-1, torch.device("cpu")) == workers
     assert utils.default_workers(3) == 3  # a number given is kept
+
+
+@pytest.mark.parametrize("cores, gpu_processes, workers", [(1, 1, 1), (2, 1, 2), (2, 4, 1), (16, 2, 8), (64, 1, 16)])
+def test_default_workers_on_a_gpu_use_the_free_cores(monkeypatch, cores, gpu_processes, workers):
+    # with the step on the GPU the cores decode and augment: a 2-core notebook with a T4 gets workers, not none;
+    # the GPU processes of one machine share its cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(gpu_processes))
+    assert utils.default_workers(-1, torch.device("cuda")) == workers
+    assert utils.default_workers(0, torch.device("cuda")) == 0  # a number given is kept
+    assert utils.default_workers(-1, torch.device("cpu")) == (0 if cores <= 2 else min(16, cores - 1))
 
 
 def test_help_states_the_workers_rule():
     for script in ["train.py", "inference.py"]:
         text = " ".join(call_script(script, "--help").stdout.split())
-        assert "0 on machines with <= 2 cores, where a worker process takes the core" in text, script
+        assert "<= 2 cores" in text and "on a GPU one per core" in text.replace("GPU,", "GPU"), script
         assert "at most 16" in text, script
