@@ -35,6 +35,7 @@ from losses import TrainLoss
 from model import IMAGENET_MEAN, IMAGENET_STD, build_model, resolve_data
 from plots import confusion_counts, pyplot, save_figure
 from predict import TTA_MODES, predict_probs
+from progressive import epoch_sizes
 from run import Progress, Run
 from stopping import GracefulStop
 from utils import (amp_dtype, autocast, default_workers, emulated_bf16_note, native_cpu_bf16, pick_device,
@@ -71,7 +72,11 @@ def parse_args(argv=None):
                                                           "ours and seed style in turns; the median is reported "
                                                           "(default: %(default)s)")
     p.add_argument("--parts", nargs="+", default=["input", "step", "epoch", "inference"],
-                   choices=["input", "step", "epoch", "inference"], help="what to measure (default: all)")
+                   choices=["input", "step", "epoch", "inference", "sizes"],
+                   help="what to measure (default: all but sizes; sizes = our step at each side of a --progressive "
+                        "plan against the full --img-size)")
+    p.add_argument("--progressive", type=float, default=0.5,
+                   help="with --parts sizes: the plan's first side as a share of --img-size (default: %(default)s)")
     p.add_argument("--json", default="bench.json", help="where the results go (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -294,6 +299,18 @@ def cpu_bf16_rates(arch, cfg, device, steps, repeats):
                "float32 step", rates["bf16"], rates["off"])
 
 
+def size_rates(arch, cfg, device, steps, repeats, start):
+    """Our step at each side a --progressive `start` plan trains at, timed in turns with the step at the full
+    --img-size (the seed column): what the smaller early epochs save, per image."""
+    plan = dataclasses.replace(cfg, epochs=10, progressive=start)
+    closures = {side: make_step(arch, dataclasses.replace(cfg, img_size=side), device, False)[0]
+                for side in sorted(set(epoch_sizes(plan)))}
+    rates = alternating_rates(closures, cfg, device, steps, repeats)
+    return [row("step per side", f"{arch}@{side} (--progressive {start:g} of {cfg.img_size}), batch "
+                f"{cfg.batch_size}; seed column = the step at {cfg.img_size} px", rates[side], rates[cfg.img_size])
+            for side in closures if side != cfg.img_size]
+
+
 def seed_epoch(cfg, data_dir, device):
     """One epoch the seed's way: per-image CPU augmentation in 2 workers, NCHW, item() per step, heatmap."""
     train_set, val_set, classes = build_train_val(dataclasses.replace(cfg, data_dir=data_dir))
@@ -476,6 +493,10 @@ def main(argv=None):
             if device.type == "cpu" and (args.cpu_bf16 or native_cpu_bf16()):
                 rows.append(cpu_bf16_rates(args.arch, cfg, device, args.steps, args.repeats))
                 print(rows[-1])
+        if "sizes" in args.parts:
+            sized = size_rates(args.arch, cfg, device, args.steps, args.repeats, args.progressive)
+            rows += sized
+            print(*sized, sep="\n")
         if "epoch" in args.parts:
             rows += epoch_rates(cfg, data_dir, device, args.steps, args.repeats)
             print(*rows[-2:], sep="\n")

@@ -189,6 +189,14 @@ class Config:
     # augmentation (train); evaluation is resize + centre crop
     img_size: int = opt(0, "train crop size; evaluation sizes follow it; 0 = the model's own (224 for a torchvision "
                            "arch, a timm model's pretrained input size, e.g. 288 for ..._288)", group="augmentation")
+    progressive: float = opt(0.0, "progressive resizing: train the first epoch at this share of --img-size (e.g. 0.5: "
+                                  "half the side), growing in multiples of 32 to --img-size, which the last "
+                                  "--progressive-full of the epochs train at; evaluation and best.pt at the run's own "
+                                  "sizes; 0 = off. It pays where the training step, not the loader, sets the pace "
+                                  "(docs/performance.md)",
+                             group="augmentation")
+    progressive_full: float = opt(0.2, "with --progressive: the share of the epochs, at the end, trained at the full "
+                                       "--img-size (the last epoch at least)", group="augmentation")
     eval_size: int = opt(0, "evaluation centre-crop size; 0 = the model's own test size when --img-size is the "
                             "model's own too (e.g. 320 for seresnextaa101d_32x8d.sw_in12k_ft_in1k_288), else "
                             "--img-size", group="augmentation")
@@ -386,11 +394,11 @@ def file_value(default, value, wrong):
 
 # ---------------------------------------------------------------- settings that contradict or do nothing
 
-def flag(name):
+def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_ranges(cfg):
+def check_ranges(cfg: Config) -> None:
     """One-line errors for values no run can use (a probability above 1, a crop larger than its resize, ...)."""
     def need(ok, message):
         if not ok:
@@ -423,6 +431,9 @@ def check_ranges(cfg):
          "--keep-epochs, --mixup and --cutmix cannot be negative")
     need(cfg.min_lr <= cfg.lr, f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: the cosine would rise")
     need(0 < cfg.save_share <= 1, f"--save-share {cfg.save_share:g}: give a share in (0, 1]")
+    need(0 <= cfg.progressive < 1 and 0 <= cfg.progressive_full <= 1,
+         f"--progressive {cfg.progressive:g} must lie in [0, 1) (a share of --img-size; 0 = off) and "
+         f"--progressive-full {cfg.progressive_full:g} in [0, 1] (a share of the epochs)")
     need(min(cfg.clip_grad, cfg.patience) >= 0, "--clip-grad and --patience cannot be negative")
     need(cfg.val_every >= 1, f"--val-every {cfg.val_every}: give a number of epochs >= 1")
     need(0 <= cfg.val_fraction < 1 and 0 <= cfg.min_delta < 1,
@@ -500,6 +511,7 @@ def unused_settings(cfg):
         ("head_dropout", cfg.head == "linear", "--head linear has no dropout"),
         ("fold", not cfg.folds, "there is no --folds K"),
         ("min_delta", not cfg.patience, "there is no --patience N"),
+        ("progressive_full", not cfg.progressive, "there is no --progressive F"),
         ("mix_off_epoch", cfg.mix_off_epoch >= cfg.epochs, f"it is not before --epochs {cfg.epochs}"),
     ]
     rules += [(name, not seed_list, f"only --aug seed uses it (--aug {cfg.aug})")

@@ -33,6 +33,7 @@ from finetune import backbone_frozen, param_groups, set_backbone_frozen
 from losses import TrainLoss, class_weights
 from mix import build_mixer, count_correct
 from model import to_sync_batchnorm
+from progressive import resized, train_size
 from run import Progress, Run, unwrap
 from run_folder import EpochWrites, last_path, write_skipped
 from stopping import GracefulStop
@@ -191,6 +192,7 @@ def train_step(run: Run, micro_batches: Sequence[tuple[torch.Tensor, torch.Tenso
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         x = to_float_batch(images, device, normalisation(cfg), cfg.erasing, augment, cfg.channels_last)
+        x = resized(x, train_size(cfg, epoch), cfg)  # --progressive: the epoch's side
         y = targets.to(device, non_blocking=True)
         if run.mixer is not None:
             x, y = run.mixer(x, y, epoch)  # y becomes (N, C) class distributions when the batch is mixed

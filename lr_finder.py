@@ -167,7 +167,7 @@ def sweep(run: Run, groups: Iterator[list[tuple[torch.Tensor, torch.Tensor]]], l
     for i, (lr, group) in enumerate(bar):
         for param_group, ratio in zip(run.optimizer.param_groups, ratios):
             param_group["lr"] = float(lr) * ratio
-        loss, _, _ = train_step(run, group, 0, augment)  # epoch 0: the loss and mixing of the run's start
+        loss, _, _ = train_step(run, group, 0, augment)  # epoch 0: the loss, mixing and (--progressive) side of the run's start
         losses.append(loss)
         running = RUNNING_BETA * running + (1 - RUNNING_BETA) * loss
         smoothed = running / (1 - RUNNING_BETA ** (i + 1))

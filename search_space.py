@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
-from config import Config, read_config_file
+from config import Config, check_ranges, flag, read_config_file
 from errors import UserError
 
 if TYPE_CHECKING:
@@ -141,6 +141,18 @@ def check_value(name, value, field, where):
                         }.get(type(default), (is_number(value), "a number"))
     if not ok:
         raise UserError(f"--space {where}: {name} must be {expected} (it is {value!r})")
+    if field is not None:
+        check_range(name, value, where)
+
+
+def check_range(name, value, where):
+    """A value train.py's own range check refuses (a share above 1, a negative count) is named before any trial
+    runs; a check that also depends on another setting is left to the trial, which has the study's flags."""
+    try:
+        check_ranges(dataclasses.replace(Config(), **{name: value}))
+    except UserError as error:
+        if str(error).startswith(flag(name) + " "):
+            raise UserError(f"--space {where}: {name} {value!r}: {error}") from None
 
 
 def suggest(trial: optuna.trial.Trial, space: dict) -> dict:

@@ -44,6 +44,7 @@ from losses import loss_phase
 from lr_finder import add_finder_args, find_lr, finder_run
 from model import build_model, check_params, count_params, data_summary, resolve_data
 from plots import plot_confusion, plot_curves
+from progressive import plan_lines, train_size
 from resume import check_resume_data, resume_path, resume_training, resumed_config
 from run import Progress, Run
 from run_folder import (folds_parent, keep_epoch_copy, new_run_dir, remove_stale_temp_files, run_name, write_config,
@@ -177,6 +178,7 @@ def epoch_row(run, progress, epoch, scores):
     val, val_ema = scores["raw"] or {}, scores["ema"] or {}  # empty: not validated (--val-every)
     phase, share = loss_phase(run.cfg, epoch)
     return dict(epoch=epoch + 1, lr=progress.epoch_lr, loss_phase=phase, focal_share=share,
+                train_size=train_size(run.cfg, epoch),
                 train_loss=progress.loss_sum / max(progress.seen, 1),
                 train_acc=progress.correct / max(progress.seen, 1), val_loss=val.get("loss", math.nan),
                 val_acc=val.get("acc", math.nan), val_loss_ema=val_ema.get("loss", math.nan),
@@ -346,6 +348,8 @@ def describe(run, train_set, val_set):
     print(f"{n} process(es) x --batch-size {cfg.batch_size} = global batch {n * cfg.batch_size}, "
           f"lr {run_cfg.lr:g}{scaling}")
     print(data_summary(cfg))
+    for line in plan_lines(cfg):
+        print(line)
     if distributed.is_main():
         remove_stale_temp_files(run.run_dir)
         write_config(run.run_dir, cfg, run.classes, n)
