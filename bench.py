@@ -52,6 +52,7 @@ def parse_args(argv=None):
                    "(default: synthetic 500x375 JPEGs in a temporary folder)")
     p.add_argument("--arch", default="resnet18", help="backbone for the step, epoch and inference parts "
                                                       "(default: %(default)s)")
+    p.add_argument("--any-arch", action="store_true", help="--arch may be any timm image classifier, as in train.py")
     p.add_argument("--img-size", type=int, default=224, help="train crop size (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
@@ -468,7 +469,7 @@ def main(argv=None):
     device = pick_device(args.device)
     cfg = resolve_data(Config(arch=args.arch, img_size=args.img_size, batch_size=args.batch_size, amp=args.amp,
                               device=args.device, channels_last=not args.no_channels_last, compile=args.compile,
-                              workers=-1))
+                              workers=-1, any_arch=args.any_arch))
     if emulated_bf16_note(cfg, device):  # the figures would time emulated bf16: say so, as train.py does
         print(f"warning: {emulated_bf16_note(cfg, device)}")
     worker_counts = args.workers if args.workers is not None else sorted({0, default_workers(-1, device)})

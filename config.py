@@ -72,6 +72,10 @@ class Config:
                                         "resnet50d; timm/NAME for a name torchvision also has); sizes and tags: "
                                         "python model.py --list",
                     group="model")
+    any_arch: bool = opt(False, "let --arch take any timm image classifier (EfficientNet, RegNet, ConvNeXt, ViT, "
+                                "...), for your own data: the ResNet family is the homework's rule and the default "
+                                "here; --max-params still applies (100M unless given); a model of a fixed input "
+                                "size trains and predicts at that size", group="model")
     weights: str = opt("default", "'default' (the pretrained weights: torchvision's ImageNet ones, cached in the "
                                   "torch hub folder, or those of the timm tag, cached by the Hugging Face hub), a "
                                   "torchvision enum name such as IMAGENET1K_V1, 'none' (from scratch), or a local "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from errors import UserError
 from model import backbone_stages
 
 if TYPE_CHECKING:
@@ -20,16 +21,20 @@ if TYPE_CHECKING:
     from config import Config
 
 
-def stage_depths(model):
-    """{parameter name: (stage, depth)}, depth counted from the top stage (0) down to the stem."""
+def stage_depths(model, layer_decay=1.0):
+    """{parameter name: (stage, depth)}, depth counted from the top stage (0) down to the stem; --layer-decay needs
+    at least two stages to decay over."""
     stages = backbone_stages(model)
+    if layer_decay != 1 and len(stages) < 2:
+        raise UserError(f"--layer-decay {layer_decay:g}: this model names no stages (timm gives it no "
+                        "group_matcher), so there is nothing to decay over: train without --layer-decay")
     return {name: (stage, len(stages) - 1 - i) for i, (stage, names) in enumerate(stages) for name in names}
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """Parameter groups for the optimiser, each with its stage name, depth (None for the head), lr and
     weight_decay."""
-    depths = stage_depths(model)
+    depths = stage_depths(model, cfg.layer_decay)
     groups = {}
     for name, p in model.named_parameters():
         stage, depth = depths.get(name, ("head", None))

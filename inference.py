@@ -35,7 +35,7 @@ from config import config_from_dict
 from dataset import FlatImages, LabelledImages, find_classes
 from errors import UserError, check_folder_path, run_cli
 from export import export_members
-from model import build_model, data_summary, resolve_data
+from model import build_model, check_input_size, data_summary, resolve_data
 from predict import TTA_MODES, predict_probs
 from report import Labelled, write_report
 from utils import amp_dtype, default_workers, native_bf16, pick_device, precision_name, short_list
@@ -190,6 +190,7 @@ def load_members(args, device):
                             "ensembled")
         cfg = dataclasses.replace(cfg, eval_size=args.eval_size or eval_crop(cfg),
                                   eval_crop_ratio=args.eval_crop_ratio or cfg.eval_crop_ratio)
+        check_input_size(cfg)  # a fixed-size model (a ViT) predicts at its own size only
         members.append(Member(model, cfg, source, path, len(own_classes)))
         priors.append(prior)
     return members, classes, np.mean(priors, axis=0)
@@ -323,6 +324,8 @@ def validate(members, classes, val_dir, args, device):
     # larger test crops (Touvron et al. 2019, "Fixing the train-test resolution discrepancy")
     for size in args.sweep_eval_size:
         at_size = [m._replace(cfg=dataclasses.replace(m.cfg, eval_size=size)) for m in members]
+        for member in at_size:
+            check_input_size(member.cfg)
         acc, n = val_accuracy(at_size, classes, val_dir, args, device, args.tta)
         resize, _ = eval_sizes(size, at_size[0].cfg.eval_crop_ratio)
         print(f"val accuracy at eval size {size} (resize {resize}), TTA {args.tta}: {acc:.4f} ({n} images)")

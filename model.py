@@ -181,7 +181,8 @@ def to_sync_batchnorm(model: nn.Module) -> nn.Module:
 
 def backbone_stages(model: nn.Module) -> list[tuple[str, list[str]]]:
     """(stage, parameter names) of the backbone, input side first; the head (fc) is not a stage. A torchvision
-    ResNet's: stem (conv1, bn1), layer1 .. layer4; a timm model's: as its own group_matcher groups them."""
+    ResNet's: stem (conv1, bn1), layer1 .. layer4; a timm model's: as its own group_matcher groups them (one group
+    for a model that has none)."""
     if isinstance(model, TimmNet):
         return [(stage, ["backbone." + n for n in names]) for stage, names in timm_backbone.stages(model.backbone)]
     by_stage = {stage: [] for stage in TORCHVISION_STAGES}
@@ -203,16 +204,35 @@ def resolve_data(cfg: Config) -> Config:
     """The config with every data setting left to the model (0 or empty) filled in from its pretrained config:
     mean/std, interpolation, the train size, and the test size and crop ratio. The model's test size is used only
     when the train size is the model's own too (a run at --img-size 64 evaluates at 64, not at 320), and its test
-    crop ratio only at that test size. A resolved config comes back unchanged."""
+    crop ratio only at that test size. A resolved config comes back unchanged. A timm model outside the ResNet family
+    needs --any-arch; one of a fixed input size is held to it."""
+    if cfg.arch not in ARCHS and not cfg.any_arch:
+        timm_backbone.check_family(cfg.arch)
     own = data_defaults(cfg.arch)
     img_size = cfg.img_size or own["train_size"]
     eval_size = cfg.eval_size or (own["test_size"] if not cfg.img_size else img_size)
     at_test_size = not cfg.img_size and not cfg.eval_size
     ratio = cfg.eval_crop_ratio or (own["test_crop_pct"] if at_test_size else own["crop_pct"])
-    return dataclasses.replace(cfg, img_size=img_size, eval_size=eval_size, eval_crop_ratio=ratio,
-                               mean=[float(m) for m in cfg.mean or own["mean"]],
-                               std=[float(s) for s in cfg.std or own["std"]],
-                               interpolation=cfg.interpolation or own["interpolation"])
+    resolved = dataclasses.replace(cfg, img_size=img_size, eval_size=eval_size, eval_crop_ratio=ratio,
+                                   mean=[float(m) for m in cfg.mean or own["mean"]],
+                                   std=[float(s) for s in cfg.std or own["std"]],
+                                   interpolation=cfg.interpolation or own["interpolation"])
+    check_input_size(resolved)
+    return resolved
+
+
+def check_input_size(cfg: Config) -> None:
+    """A model of a fixed input size (a ViT's position embeddings are laid out for one) trains and predicts at that
+    size: a one-line error for any other training, evaluation or progressive side."""
+    own = data_defaults(cfg.arch)
+    if not own.get("fixed_size"):
+        return
+    size, asked = own["train_size"], {"--img-size": cfg.img_size, "--eval-size": cfg.eval_size or cfg.img_size}
+    wrong = [f"{flag} {value}" for flag, value in asked.items() if value != size]
+    if wrong or cfg.progressive:
+        raise UserError(f"--arch {cfg.arch} takes {size} px input only (a fixed input size), not "
+                        f"{', '.join(wrong) or '--progressive'}: train and evaluate at --img-size {size} "
+                        f"--eval-size {size}, without --progressive")
 
 
 DATA_FIELDS = ("img_size", "eval_size", "eval_crop_ratio", "interpolation", "mean", "std")

@@ -62,18 +62,30 @@ def nearest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
 
 
 def check_arch(arch: str) -> None:
-    """A one-line UserError for a name timm does not know, a model outside the ResNet family or an unknown tag."""
+    """A one-line UserError for a name timm does not know or a pretrained tag it does not have. Which of timm's
+    models a run may take (the ResNet family unless --any-arch) is check_family's."""
     base, tag = split_arch(arch)
     timm = timm_module()
-    if base not in family():
-        known = "is not a ResNet-family model" if timm.is_model(base) else "is neither a torchvision ResNet nor a " \
-                                                                           "timm model"
-        raise UserError(f"--arch {arch}: {base} {known}; nearest ResNet-family choices: "
-                        f"{', '.join(nearest(base, family(pretrained=True)))} (all: python model.py --list)")
-    tags = [name.partition(".")[2] for name in family(pretrained=True) if name.partition(".")[0] == base]
+    if not timm.is_model(base):
+        raise UserError(f"--arch {arch}: {base} is neither a torchvision ResNet nor a timm model; nearest "
+                        f"ResNet-family choices: {', '.join(nearest(base, family(pretrained=True)))} (all: python "
+                        "model.py --list)")
+    tags = [name.partition(".")[2] for name in timm.list_models(base, pretrained=True)
+            if name.partition(".")[0] == base]
     if tag and tag not in tags:
         known = f"its pretrained tags: {', '.join(tags)}" if tags else "it has no pretrained weights in timm"
         raise UserError(f"--arch {arch}: {base} has no pretrained tag '{tag}' ({known})")
+
+
+def check_family(arch: str) -> None:
+    """The homework's rule and this tool's default: a ResNet-family model; --any-arch lifts it for one's own data."""
+    check_arch(arch)  # a name timm does not know is said as such first
+    base, _ = split_arch(arch)
+    if base not in family():
+        raise UserError(f"--arch {arch}: {base} is not a ResNet-family model (the homework's rule, and the default "
+                        f"here); nearest ResNet-family choices: {', '.join(nearest(base, family(pretrained=True)))} "
+                        "(all: python model.py --list); for your own data, --any-arch takes any timm image "
+                        "classifier")
 
 
 def pretrained_cfg(arch: str) -> Any:
@@ -94,7 +106,9 @@ def data_defaults(arch: str) -> dict[str, Any]:
     train_size = int(cfg.input_size[-1])
     return dict(mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation or "bicubic",
                 train_size=train_size, test_size=int((cfg.test_input_size or cfg.input_size)[-1]),
-                crop_pct=float(cfg.crop_pct), test_crop_pct=float(cfg.test_crop_pct or cfg.crop_pct))
+                crop_pct=float(cfg.crop_pct), test_crop_pct=float(cfg.test_crop_pct or cfg.crop_pct),
+                # a model built for one input size (a ViT's position embeddings): it runs at that size only
+                fixed_size=bool(getattr(cfg, "fixed_input_size", False)))
 
 
 def weights_source(arch: str) -> tuple[str, str]:
@@ -143,6 +157,8 @@ def stages(backbone: nn.Module) -> list[tuple[str, list[str]]]:
     """The backbone's parameter names by stage, input side first, as the model's own group_matcher groups them
     (coarse: the stem, then one group per stage; a final norm, as in pre-activation ResNets, is the last group)."""
     from timm.models import group_parameters
+    if not hasattr(backbone, "group_matcher"):  # a model that names no stages: one group
+        return [("backbone", [name for name, _ in backbone.named_parameters()])]
     groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
     return [("stem" if i == 0 else f"stage{i}", list(names)) for i, names in enumerate(groups.values())]
 

@@ -17,8 +17,9 @@ import inference
 import train
 from config import Config
 from conftest import ROOT, TIMING_COLUMNS, TORCHRUN, call_script, copy_sample, one_line_error, run_main
-from finetune import param_groups, reported_lr
-from model import build_model, resolve_data, to_sync_batchnorm
+from errors import UserError
+from finetune import param_groups, reported_lr, stage_depths
+from model import TimmNet, build_model, resolve_data, to_sync_batchnorm
 
 CLASSES = ["0", "1", "2"]
 # the smallest setting that trains a timm model on real images: 32 px, three steps of 6 images per epoch
@@ -164,8 +165,10 @@ def test_sync_bn_keeps_the_activation_of_timm_fused_norm_layers():
 # ---------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("arch, message", [
-    ("vit_base_patch16_224", "vit_base_patch16_224 is not a ResNet-family model; nearest ResNet-family choices: "),
-    ("convnext_tiny.fb_in1k", "convnext_tiny is not a ResNet-family model"),
+    ("vit_base_patch16_224", "vit_base_patch16_224 is not a ResNet-family model (the homework's rule, and the "
+                             "default here); nearest ResNet-family choices: "),
+    ("convnext_tiny.fb_in1k", "for your own data, --any-arch takes any timm image classifier"),
+    ("no_such_net", "no_such_net is neither a torchvision ResNet nor a timm model"),
     ("resnet18d.no_such_tag", "resnet18d has no pretrained tag 'no_such_tag' (its pretrained tags: ra2_in1k, "),
     ("ecaresnet269d", "parameters with the mlp head, over --max-params 100.0M; nearest that fit: ")])
 def test_refused_archs_get_one_line_naming_the_nearest_choices(arch, message, small_data, tmp_path, capsys):
@@ -295,3 +298,51 @@ def test_lr_finder_sweeps_on_the_data_a_training_run_sees(small_data, tmp_path, 
     assert data_line in out.splitlines()
     saved = torch.load(run_dir / "best.pt", weights_only=True)["config"]
     assert saved["mean"] == saved["std"] == [0.5, 0.5, 0.5] and saved["eval_crop_ratio"] == 0.95
+
+
+# ---------------------------------------------------------------- --any-arch: any timm classifier, for one's own data
+
+def test_any_arch_trains_predicts_and_exports_a_model_outside_the_family(small_data, tmp_path, capsys):
+    # timm's test EfficientNet (0.1M parameters): stages from its group_matcher for --layer-decay, our head, the
+    # prediction and the ONNX export as for the ResNets
+    argv = ["--data-dir", small_data, "--output-dir", tmp_path, "--run-name", "effnet", "--arch", "test_efficientnet",
+            "--any-arch", *TINY_TIMM, "--layer-decay", 0.8, "--head", "linear"]
+    code, out, err = run_main(train.main, argv, capsys)
+    assert code == 0, err
+    assert "test_efficientnet with linear head" in out and "bicubic resize" in out
+    best = tmp_path / "effnet" / "best.pt"
+    csv = tmp_path / "prediction.csv"
+    code, out, err = run_main(inference.main, ["--checkpoint", best, "--data-dir", small_data, "--output", csv],
+                              capsys)
+    assert code == 0, err
+    assert len(pd.read_csv(csv)) == 4
+    code, out, err = run_main(inference.main, ["--checkpoint", best, "--export", tmp_path / "effnet.onnx"], capsys)
+    assert code == 0 and "gives PyTorch's float32 probabilities to" in out, err
+
+
+def test_a_fixed_size_model_trains_and_predicts_at_its_own_size_only(small_data, tmp_path, capsys):
+    # timm's test ViT is laid out for 160 px: other sides are one-line errors naming the size it takes
+    base = ["--data-dir", small_data, "--output-dir", tmp_path, "--arch", "test_vit", "--any-arch", "--weights",
+            "none", "--batch-size", 6, "--workers", 0, "--epochs", 1, "--head", "linear"]
+    for extra, said in ([["--img-size", 32], "not --img-size 32, --eval-size 32"],
+                        [["--img-size", 160, "--progressive", 0.5], "not --progressive"]):
+        code, _, err = run_main(train.main, [*base, *extra], capsys)
+        assert "--arch test_vit takes 160 px input only" in one_line_error(code, err) and said in err
+    code, out, err = run_main(train.main, [*base, "--img-size", 160, "--run-name", "vit"], capsys)
+    assert code == 0, err
+    best = tmp_path / "vit" / "best.pt"
+    code, _, err = run_main(inference.main, ["--checkpoint", best, "--data-dir", small_data, "--output",
+                                             tmp_path / "vit.csv"], capsys)
+    assert code == 0 and len(pd.read_csv(tmp_path / "vit.csv")) == 4, err
+    code, _, err = run_main(inference.main, ["--checkpoint", best, "--data-dir", small_data, "--eval-size", 224],
+                            capsys)
+    assert "not --eval-size 224" in one_line_error(code, err)
+
+
+def test_layer_decay_on_a_model_without_stages_is_one_line():
+    # a timm backbone with no group_matcher is one stage: its parameters train, --layer-decay has nothing to decay
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model = TimmNet(backbone, torch.nn.Linear(4, 2))
+    assert set(stage_depths(model).values()) == {("backbone", 0)}
+    with pytest.raises(UserError, match="--layer-decay 0.7: this model names no stages"):
+        stage_depths(model, layer_decay=0.7)
