@@ -187,21 +187,28 @@ def restore_training_state(ckpt: dict[str, Any], run: Run, replay_steps: int | N
     if run.ema is not None:
         run.ema.module.load_state_dict(ckpt["ema"])
         run.ema.n_averaged.fill_(ckpt["ema_updates"])
-    optimizer, scheduler = run.optimizer, run.scheduler
     if replay_steps is None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
-            for _ in range(replay_steps):
-                scheduler.step()
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, new in zip(optimizer.param_groups, settings):
-            group.update(new)
+        replay_schedule(run.optimizer, run.scheduler, replay_steps, ckpt["optimizer"])
     restore_scaler(run.scaler, ckpt["scaler"])
     restore_rng(ckpt)  # last: building the objects above drew random numbers
+
+
+def replay_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int,
+                    trained: dict[str, Any]) -> None:
+    """A new schedule over a trained optimiser: a fresh scheduler (on a fresh optimiser) stepped `steps` times to
+    where the run is, then the trained optimiser's moments loaded with the new schedule's hyper-parameters (lr,
+    weight decay) kept."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+        for _ in range(steps):
+            scheduler.step()
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(trained)
+    for group, new in zip(optimizer.param_groups, settings):
+        group.update(new)
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:

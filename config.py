@@ -143,6 +143,15 @@ class Config:
                               "(90m, 2h, 1h30m, 3600s; a bare number is seconds), save a resumable last.pt, print the "
                               "resume command and exit with code 124 as timeout(1) does; the cosine schedule still "
                               "spans --epochs, so a resumed run carries on along it", group="stopping")
+    budget: str = opt("", "plan the run to end within this wall time of the whole process (90m, 2h, 1h30m, 3600s): it "
+                          "times the first steps at each training side, a val pass and a save, then trains the most "
+                          "epochs whose schedule ends inside 95%% of it, --epochs being the cap; the epoch-counted "
+                          "settings (--warmup-epochs, --t-max, --freeze-epochs, --ema-start-epoch, --focal-start, "
+                          "--focal-full, --mix-off-epoch) are shares of --epochs, scaled to the planned count; it "
+                          "plans again once after the second epoch (the first pays one-off start-up costs) when that took "
+                          "over 10%% more or less than planned; a resumed run keeps its plan; with --all-folds it is "
+                          "the whole command's, each fold taking an even share of what is left; --time-limit stays a "
+                          "hard stop", group="stopping")
 
     # speed (each on by default where the hardware has it)
     channels_last: bool = opt(True, "channels_last memory format for the model and its input batches",
@@ -301,6 +310,33 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return with_implied(Config(**{k: v for k, v in vars(args).items() if k in names}))
 
 
+# the settings counted in epochs: a run of another length (a search's trial, a --budget plan) takes each at the same
+# share of its own epochs
+EPOCH_SETTINGS = ("warmup_epochs", "t_max", "freeze_epochs", "ema_start_epoch", "focal_start", "focal_full",
+                  "mix_off_epoch")
+
+
+def scaled_epoch_setting(name: str, value: float, scale: float, epochs: int) -> float:
+    """An epoch-counted setting at `scale` times its length, for a run of `epochs` epochs: whole numbers rounded, a
+    phase that starts inside the longer run (EMA, focal, no mixing, the end of the freeze) starts inside the shorter
+    one too, and --mix-off-epoch stays at least 1 (0 means never off)."""
+    if not value:  # off (0) stays off
+        return value
+    if not isinstance(getattr(Config(), name), int):
+        return value * scale
+    scaled = round(value * scale)
+    if value * scale < epochs:
+        scaled = min(scaled, epochs - 1)
+    return max(scaled, 1 if name == "mix_off_epoch" else 0)
+
+
+def with_epochs(cfg: Config, epochs: int) -> Config:
+    """The config for a run of `epochs` epochs, its epoch-counted settings at the same share of it as of cfg's."""
+    scale = epochs / cfg.epochs
+    return dataclasses.replace(cfg, epochs=epochs, **{name: scaled_epoch_setting(name, getattr(cfg, name), scale,
+                                                                                  epochs) for name in EPOCH_SETTINGS})
+
+
 def with_implied(cfg: Config) -> Config:
     """The settings one flag implies: a policy replaces the hand-tuned list, so --auto-augment ta_wide alone means
     --aug policy (the seed list being the default, --aug seed beside a policy cannot be told from no --aug)."""
@@ -443,20 +479,22 @@ def check_ranges(cfg: Config) -> None:
     need(0 <= cfg.val_fraction < 1 and 0 <= cfg.min_delta < 1,
          "--val-fraction and --min-delta must lie in [0, 1) (a share of train/, a rise of the val accuracy)")
     time_limit_seconds(cfg.time_limit)  # a one-line error for a duration it cannot read
+    time_limit_seconds(cfg.budget, "--budget")
 
 
 DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms]?)")
 
 
-def time_limit_seconds(text: str) -> float:
-    """--time-limit in seconds (0: none): 90m, 2h, 1h30m, 3600s, 1.5h; a bare number is seconds."""
+def time_limit_seconds(text: str, flag: str = "--time-limit") -> float:
+    """A duration flag (--time-limit, --budget) in seconds (0: none): 90m, 2h, 1h30m, 3600s, 1.5h; a bare number is
+    seconds."""
     compact = text.replace(" ", "").lower()
     if not compact:
         return 0.0
     parts = DURATION.findall(compact)
     seconds = sum(float(number) * {"h": 3600, "m": 60, "s": 1, "": 1}[unit] for number, unit in parts)
     if "".join(a + b for a, b in parts) != compact or seconds <= 0:
-        raise UserError(f"--time-limit {text!r}: give a duration such as 90m, 2h, 1h30m or 3600s")
+        raise UserError(f"{flag} {text!r}: give a duration such as 90m, 2h, 1h30m or 3600s")
     return seconds
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -216,6 +217,20 @@ def train_step(run: Run, micro_batches: Sequence[tuple[torch.Tensor, torch.Tenso
         run.scaler.step(run.optimizer)
         run.scaler.update()
     return value, correct, total
+
+
+def endless_groups(loaders: Loaders, accum_steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The training batches, one optimiser step's micro-batches at a time as the training groups them, epoch after
+    epoch in the run's own shuffled orders: for the LR finder's sweep and the --budget probe, which may take more
+    steps than an epoch of a small dataset holds."""
+    for epoch in itertools.count():
+        loaders.sampler.start_epoch(epoch)
+        steps = 0
+        for group in readable_groups(micro_batch_groups(loaders.train, accum_steps)):
+            steps += 1
+            yield group
+        if not steps:
+            raise UserError("the training loader gave no batch: no readable training images")
 
 
 def steps_per_epoch(loader: torch.utils.data.DataLoader, cfg: Config) -> int:

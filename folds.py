@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from config import time_limit_seconds
 from errors import UserError
 
 if TYPE_CHECKING:
@@ -186,9 +188,19 @@ def write_oof(run_dir: str, cfg: Config, val_set: LabelledImages, preds: np.ndar
         os.path.join(run_dir, "oof.csv"), index=False)
 
 
+def fold_budget(cfg: Config, fold: int, started: float) -> list[str]:
+    """The --budget flag of fold `fold`: an even share of what is left of the command's budget."""
+    if not cfg.budget:
+        return []
+    left = time_limit_seconds(cfg.budget, "--budget") - (time.monotonic() - started)
+    return ["--budget", f"{max(1.0, left / (cfg.folds - fold)):.1f}s"]
+
+
 def run_all_folds(train_main: Callable[[list[str]], int], argv: list[str] | None, cfg: Config,
-                  run_name: str) -> int:
-    """Train folds 0 .. K-1 one after the other (each a full train.py run), then report out-of-fold accuracy."""
+                  run_name: str, started: float) -> int:
+    """Train folds 0 .. K-1 one after the other (each a full train.py run), then report out-of-fold accuracy.
+    started: time.monotonic() when the command began; --budget is the whole command's, each fold taking an even
+    share of what is left when it starts."""
     check_fold_args(cfg)
     argv = list(sys.argv[1:] if argv is None else argv)
     parent = os.path.join(cfg.output_dir, run_name)
@@ -197,7 +209,7 @@ def run_all_folds(train_main: Callable[[list[str]], int], argv: list[str] | None
         # one split for all folds: the later ones take fold 0's, whatever the file list holds by then
         same_split = ["--fold-split", os.path.join(parent, "fold0", FOLD_SPLIT)] if i else []
         code = train_main(argv + ["--no-all-folds", "--fold", str(i), "--run-name", f"{run_name}/fold{i}",
-                                  *same_split])
+                                  *same_split, *fold_budget(cfg, i, started)])
         if code:
             return code
     parts = [os.path.join(parent, f"fold{i}", "oof.csv") for i in range(cfg.folds)]

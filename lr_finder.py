@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
-import itertools
+import dataclasses
 import math
 import os
 import shlex
@@ -40,7 +40,7 @@ from tqdm import tqdm
 import distributed
 from augment import BatchAugment
 from config import Config
-from engine import Loaders, micro_batch_groups, readable_groups, steps_per_epoch, train_step
+from engine import Loaders, endless_groups, steps_per_epoch, train_step
 from errors import UserError
 from finetune import set_backbone_frozen
 from plots import pyplot, save_figure
@@ -91,6 +91,9 @@ def finder_run(cfg: Config, args: argparse.Namespace) -> tuple[Config, str, None
     if not 0 < start < end:
         raise UserError(f"--lr-find-range {start:g} {end:g}: give two learning rates, the first above 0 and below "
                         "the second")
+    if cfg.budget:  # the sweep trains no schedule to fit: the budget is for the run it suggests the LR of
+        print(f"warning: --budget {cfg.budget} has no effect with --find-lr (the sweep plans no epochs)")
+        cfg = dataclasses.replace(cfg, budget="")
     scratch = tempfile.mkdtemp(prefix="lr-find-")
     atexit.register(shutil.rmtree, scratch, True)
     return cfg, scratch, None
@@ -104,7 +107,7 @@ def find_lr(run: Run, loaders: Loaders, args: argparse.Namespace, argv: Sequence
     lrs = np.geomspace(*args.lr_find_range, n)
     saved = snapshot(run)
     try:
-        losses = sweep(run, batch_groups(loaders, run.cfg.accum_steps), lrs)
+        losses = sweep(run, endless_groups(loaders, run.cfg.accum_steps), lrs)
     finally:
         restore(run, saved)
     lrs, losses = finite_points(lrs[:len(losses)], losses)
@@ -138,20 +141,6 @@ def restore(run: Run, saved: dict[str, Any]) -> None:
     parts = {"model": run.plain, "optimizer": run.optimizer, "scheduler": run.scheduler, "scaler": run.scaler}
     for key, state in saved.items():
         parts[key].load_state_dict(state)
-
-
-def batch_groups(loaders: Loaders, accum_steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The training batches, one optimiser step's micro-batches at a time as the training groups them
-    (engine.micro_batch_groups), epoch after epoch in the run's own shuffled orders (a sweep may be longer than an
-    epoch on a small dataset)."""
-    for epoch in itertools.count():
-        loaders.sampler.start_epoch(epoch)
-        steps = 0
-        for group in readable_groups(micro_batch_groups(loaders.train, accum_steps)):
-            steps += 1
-            yield group
-        if not steps:
-            raise UserError("the training loader gave no batch: no readable training images")
 
 
 def sweep(run: Run, groups: Iterator[list[tuple[torch.Tensor, torch.Tensor]]], lrs: np.ndarray) -> list[float]:

@@ -39,9 +39,9 @@ def train_size(cfg: Config, epoch: int) -> int:
 
 
 def resized(batch: torch.Tensor, side: int, cfg: Config) -> torch.Tensor:
-    """A float training batch at `side` x `side` pixels (as it is when it has that side already), in the memory
-    format the run trains in."""
-    if batch.shape[-1] == side and batch.shape[-2] == side:
+    """A float training batch at `side` x `side` pixels, in the memory format the run trains in; as it is without
+    --progressive, or when it has that side already."""
+    if not cfg.progressive or batch.shape[-1] == side and batch.shape[-2] == side:
         return batch
     batch = F.interpolate(batch, size=(side, side), mode=cfg.interpolation, antialias=True, align_corners=False)
     return batch.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)

@@ -60,6 +60,7 @@ class Progress:
     # --patience: the val accuracy a better epoch must beat by more than --min-delta, and the epochs since one did
     plateau_best: float = -1.0
     plateau_epochs: int = 0
+    budget: dict = field(default_factory=dict)  # --budget: the plan and the times it was made from (budget.py)
     # running sums of the epoch in progress, so that its history row is the same after a resume
     epoch_lr: float = math.nan
     loss_sum: float = 0.0

@@ -32,8 +32,8 @@ class GracefulStop:
 
     def __init__(self, time_limit: float = 0.0, started: float | None = None, signals=SIGNALS):
         self.signum, self.old, self.signals = None, {}, signals
-        start = time.monotonic() if started is None else started
-        self.deadline = start + time_limit if time_limit else None
+        self.started = time.monotonic() if started is None else started
+        self.deadline = self.started + time_limit if time_limit else None
         self.longest_step, self.longest_validation, self.timed_out = 0.0, 0.0, False
 
     @property
@@ -56,6 +56,10 @@ class GracefulStop:
             ahead = self.longest_step if ahead is None else ahead
             self.timed_out = time.monotonic() + ahead >= self.deadline
         return self.timed_out
+
+    def elapsed(self) -> float:
+        """Seconds since the run began (--time-limit and --budget count from there)."""
+        return time.monotonic() - self.started
 
     def step_took(self, seconds: float) -> None:
         self.longest_step = max(self.longest_step, seconds)

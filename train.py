@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from typing import Any
 
 
 import distributed
+from budget import kept_on_resume, planned_config, process_seconds, replan
 from checkpoint import best_checkpoint, load_resumable, save_atomic, save_last, saved_progress
 from config import (Config, add_config_args, check_config, config_file_args, config_from_args, read_config_file,
                     time_limit_seconds)
@@ -163,7 +165,7 @@ def open_run(cfg: Config, args: argparse.Namespace, given: dict[str, Any]) -> Op
         clear = "--overwrite" if args.overwrite else "--resume auto found no last.pt" if args.resume else None
         return Opened(cfg, new_run_dir(cfg, clear))
     ckpt = load_resumable(path)
-    cfg, schedule_changed = resumed_config(ckpt["config"], given, args.allow_schedule_change)
+    cfg, schedule_changed = resumed_config(ckpt["config"], kept_on_resume(ckpt, given), args.allow_schedule_change)
     cfg = resolve_data(cfg)  # a run saved before these settings were stored: torchvision's, as it trained with
     check_config(cfg)
     run_dir = os.path.dirname(path) or "."
@@ -375,8 +377,12 @@ def fit(run: Run, loaders, progress: Progress, started: float) -> int:
 def train_epochs(run: Run, loaders, progress: Progress, stop: GracefulStop) -> bool:
     """The epoch loop: train, validate, keep what the epoch gave, up to the last epoch or the --patience plateau.
     True when a signal or --time-limit stopped it, once last.pt holds the state to resume from."""
-    cfg, frozen = run.cfg, None
-    for epoch in range(progress.epoch, cfg.epochs):
+    frozen = None
+    for epoch in itertools.count(progress.epoch):
+        replan(run, progress, stop.elapsed())  # --budget: once, after the second epoch; may change the epochs
+        cfg = run.cfg
+        if epoch >= cfg.epochs:
+            break
         if backbone_frozen(cfg, epoch) != frozen:
             frozen = backbone_frozen(cfg, epoch)
             run.train_model = training_module(run, frozen)
@@ -400,15 +406,17 @@ def train_epochs(run: Run, loaders, progress: Progress, stop: GracefulStop) -> b
 
 # ---------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()  # --time-limit counts from here
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """started: time.monotonic() when the run began, from which --time-limit and --budget count (default: now; as a
+    command, the start of the process)."""
+    started = time.monotonic() if started is None else started
     cfg, args, given = parse_args(argv)
     if args.check_data:  # under torchrun the first process checks alone: the data are the same for all
         return check_data(cfg) if int(os.environ.get("RANK", 0)) == 0 else 0
     device = distributed.setup(pick_device(cfg.device))  # first: the first process names the run for all
     if cfg.all_folds and not args.find_lr:  # the finder sweeps on one fold's training part
         check_config(cfg)
-        return run_all_folds(main, argv, cfg, folds_parent(cfg, args.overwrite))
+        return run_all_folds(main, argv, cfg, folds_parent(cfg, args.overwrite), started)
     opened = open_run(cfg, args, given)
     cfg, ckpt = opened.cfg, opened.ckpt
     print_warnings(cfg, device)
@@ -420,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     train_set, val_set = load_data(opened, datasets, progress, args.allow_schedule_change)
     loaders = make_loaders(cfg, train_set, val_set, device)
     steps = steps_per_epoch(loaders.train, cfg)
+    cfg = planned_config(opened, progress, model, device, loaders, started)  # --budget: the epochs that fit
     run = build_run(cfg, model, device, train_set, steps, opened.run_dir)
     seed_rank_streams(cfg.seed)  # every process built the same model; from here each draws its own numbers
     if ckpt:
@@ -429,4 +438,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: main(started=time.monotonic() - process_seconds()))

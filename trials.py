@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from config import Config
+from config import EPOCH_SETTINGS, Config, scaled_epoch_setting
 from history import epoch_acc, read_history, validated
 from search_space import setting_flags, short
 from stopping import TIME_LIMIT_EXIT, GracefulStop
@@ -26,11 +26,10 @@ if TYPE_CHECKING:
 POLL_SECONDS = 0.5
 
 
-# train.py's settings counted in epochs. A space or a shared flag gives them for the final run (--final-epochs), as
-# best_config.json keeps them, and each trial gets the same share of its own --epochs-per-trial: a 5-epoch trial of
-# --focal-start 14 (of 100) switches to focal in epoch 1, where the final run would after 14%
-EPOCH_SETTINGS = ("warmup_epochs", "t_max", "freeze_epochs", "ema_start_epoch", "focal_start", "focal_full",
-                  "mix_off_epoch")
+# train.py's settings counted in epochs (config.EPOCH_SETTINGS). A space or a shared flag gives them for the final
+# run (--final-epochs), as best_config.json keeps them, and each trial gets the same share of its own
+# --epochs-per-trial: a 5-epoch trial of --focal-start 14 (of 100) switches to focal in epoch 1, where the final run
+# would after 14%
 
 
 @dataclasses.dataclass
@@ -73,10 +72,7 @@ def trial_epoch_settings(search: Search, params: dict) -> dict:
         value = params.get(name, getattr(cfg, name))
         if name.startswith("focal_") and not schedule or not value and not name.startswith("focal_"):
             continue
-        if isinstance(getattr(Config(), name), int):
-            scaled[name] = max(round(value * scale), 1 if name == "mix_off_epoch" else 0)
-        else:
-            scaled[name] = value * scale
+        scaled[name] = scaled_epoch_setting(name, value, scale, args.epochs_per_trial)
     return scaled
 
 

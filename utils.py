@@ -82,7 +82,7 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

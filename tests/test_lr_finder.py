@@ -52,7 +52,7 @@ def tiny_finder_run(tmp_path):
 
 def test_sweep_trains_then_restores_weights_and_optimiser(tmp_path, capsys, monkeypatch):
     run, loaders, args, argv = tiny_finder_run(tmp_path)
-    engine.train_step(run, next(lr_finder.batch_groups(loaders, 1)), 0)  # the optimiser now holds moments
+    engine.train_step(run, next(engine.endless_groups(loaders, 1)), 0)  # the optimiser now holds moments
     state = lambda: copy.deepcopy([run.plain.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict(),
                                    run.scaler.state_dict()])
     before, lrs, moved = state(), [], []

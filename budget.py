@@ -1,0 +1,234 @@
+"""--budget: a schedule fitted to a wall-time budget. Before the first epoch the run times a few optimiser steps at
+each side it may train at (--progressive), one validation pass and one save, on its own data and model, then puts
+everything back; it trains the most epochs (--epochs being the cap) whose whole schedule, validations and saves
+included, ends inside TARGET of the budget, counted from the start of the process. The epoch-counted settings are
+shares of --epochs, scaled to the planned count (config.with_epochs).
+
+After the second epoch the plan is checked once against the wall time that epoch really took (its saves, plots and
+everything else a run does between epochs included; the second, because the first also pays one-off costs: the
+loader's and the plots' first use, the first best.pt), and laid out again from what is left of the budget when it
+was off by more than REPLAN_OFF. A resumed run keeps its plan (and whatever the re-plan made of it) and never times again:
+given its plan, a run is a function of its config, and resumes bit for bit. Under torchrun every process takes part
+in the timing (the steps are collective) and the first process's times and decisions hold for all.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+import distributed
+from checkpoint import replay_schedule, save_atomic, training_checkpoint
+from config import Config, time_limit_seconds, with_epochs
+from engine import (build_optimizer, build_run, build_scheduler, endless_groups, evaluate, scaled_lr, train_step,
+                    training_module)
+from errors import UserError
+from finetune import backbone_frozen
+from losses import TrainLoss
+from mix import build_mixer
+from progressive import STEP, epoch_sizes
+from run import Progress, Run
+from utils import rng_state, set_rng_state
+
+TARGET = 0.95  # the share of the budget a plan fills: the run ends at 90-100% of it with its schedule finished
+REPLAN_OFF = 0.10  # the first epoch's error, against the plan, that lays the plan out again
+PROBE_STEPS = 3  # timed optimiser steps per side, after one untimed warm-up step
+BEST_SHARE = 0.25  # best.pt's write per epoch, as a share of last.pt's: half its size, every other epoch
+
+
+@dataclasses.dataclass
+class Times:
+    """What one piece of a run takes, in seconds: an optimiser step at each training side, a validation pass of one
+    set of weights, a write of last.pt; and the steps in an epoch."""
+    step: dict[int, float]
+    val: float
+    save: float
+    steps_per_epoch: int
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: /proc), so that the interpreter's and torch's start-up count; 0
+    where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+# ---------------------------------------------------------------- the plan: pure functions of the times
+
+def sides(cfg: Config) -> list[int]:
+    """Every side a plan of at most --epochs epochs may train at: each multiple of STEP from the plan's first side
+    up, and --img-size."""
+    first = epoch_sizes(cfg)[0]
+    return sorted({*range(first, cfg.img_size, STEP), cfg.img_size})
+
+
+def epoch_work(cfg: Config, times: Times, epoch: int, side: int) -> float:
+    """What one epoch of the plan trains and validates for, as history.csv's epoch_seconds counts it: its steps at
+    its side and its validation passes (raw and EMA weights, on the epochs --val-every validates)."""
+    seconds = times.steps_per_epoch * times.step[side]
+    if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+        seconds += times.val * (2 if cfg.ema and epoch >= cfg.ema_start_epoch else 1)
+    return seconds
+
+
+def epoch_seconds(cfg: Config, times: Times, epoch: int, side: int) -> float:
+    """An epoch's work and its share of the saves: last.pt and the plots (--save-share keeps them under that share
+    of the time) and best.pt (about half of last.pt, which holds the optimiser too), taken as every other epoch."""
+    work = epoch_work(cfg, times, epoch, side)
+    return work + min(times.save, cfg.save_share * work) + BEST_SHARE * times.save
+
+
+def planned_seconds(cfg: Config, times: Times, first_epoch: int = 0) -> float:
+    """The schedule's time from `first_epoch` to its end, with the final save."""
+    plan = epoch_sizes(cfg)
+    return sum(epoch_seconds(cfg, times, e, plan[e]) for e in range(first_epoch, cfg.epochs)) + times.save
+
+
+def fitting_epochs(cap: Config, times: Times, seconds: float, first_epoch: int = 0) -> int:
+    """The most epochs, at most cap.epochs, whose schedule (the epochs from first_epoch on) fits in `seconds`; when
+    none does, the epochs trained already (first_epoch), or 1 for a run that has trained none. cap: the config as
+    given, its epoch-counted settings shares of its epochs."""
+    fits = [n for n in range(first_epoch + 1, cap.epochs + 1)
+            if planned_seconds(with_epochs(cap, n), times, first_epoch) <= seconds]
+    return max(fits, default=max(1, first_epoch))
+
+
+def plan_line(cap: Config, cfg: Config, times: Times, budget: float, spent: float) -> str:
+    """The plan as the run prints it: the times it comes from, the epochs, what was scaled."""
+    steps = ", ".join(f"{times.step[side]:.3g} s a step at {side} px" for side in sorted(times.step))
+    scaled = [f"--{name.replace('_', '-')} {getattr(cfg, name):g}" for name in ("warmup_epochs", "t_max",
+              "freeze_epochs", "ema_start_epoch", "focal_start", "focal_full", "mix_off_epoch")
+              if getattr(cfg, name) != getattr(cap, name)]
+    end = spent + planned_seconds(cfg, times)
+    return (f"--budget {cap.budget}: measured {steps}, {times.val:.3g} s a val pass, {times.save:.3g} s a save; "
+            f"{cfg.epochs} epoch(s) fit (--epochs {cap.epochs} is the cap), ending at about {end:.0f} s of "
+            f"{budget:.0f}{'; scaled: ' + ', '.join(scaled) if scaled else ''}")
+
+
+# ---------------------------------------------------------------- timing the run's own pieces
+
+def timed(work, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(cfg: Config, model: torch.nn.Module, device: torch.device, loaders, train_set, run_dir: str) -> Times:
+    """The times of a throwaway run of a copy of the model: PROBE_STEPS steps at each side, one validation pass,
+    one save. The random generators are put back, so the real run draws what it would have drawn."""
+    rng = rng_state()
+    probe = build_run(dataclasses.replace(cfg, tensorboard=False), copy.deepcopy(model), device, train_set, 1,
+                      run_dir)
+    probe.train_model = training_module(probe, False)  # under torchrun the steps are collective, as in training
+    probe.train_model.train()
+    groups, step = endless_groups(loaders, cfg.accum_steps), {}
+    for side in sides(cfg):
+        probe.cfg = dataclasses.replace(cfg, img_size=side, progressive_full=1.0)  # every epoch at this side
+        train_step(probe, next(groups), 0)  # warm-up: allocator, cuDNN autotuning, compilation at this side
+        step[side] = timed(lambda: [train_step(probe, next(groups), 0) for _ in range(PROBE_STEPS)],
+                           device) / PROBE_STEPS
+    probe.cfg = cfg
+    val = timed(lambda: evaluate(probe.model, loaders.val, probe, desc="timing val"), device)
+    path = os.path.join(run_dir, f".tmp-budget-{os.getpid()}.pt")
+    save = timed(lambda: save_atomic(training_checkpoint(probe, Progress()), path), device) \
+        if distributed.is_main() else 0.0
+    if os.path.exists(path):
+        os.remove(path)
+    set_rng_state(rng)
+    loaders.sampler.start_epoch(0)
+    measured = Times(step, val, save, math.ceil(len(loaders.train) / cfg.accum_steps))
+    return distributed.from_main(measured)
+
+
+# ---------------------------------------------------------------- the run's side of it
+
+def planned_config(opened: Any, progress: Progress, model: torch.nn.Module, device: torch.device, loaders: Any,
+                   started: float) -> Config:
+    """The config a run trains with: for a new --budget run, that of the planned schedule (the plan goes into
+    progress.budget, and so into last.pt); else the opened run's own (a resumed run keeps its plan)."""
+    cfg = opened.cfg
+    if opened.ckpt and progress.budget:
+        progress.budget["replanned"] = True  # a resumed run keeps its plan
+    if not cfg.budget or opened.ckpt:
+        return cfg
+    budget = time_limit_seconds(cfg.budget, "--budget")
+    times = measure(cfg, model, device, loaders, loaders.train.dataset, opened.run_dir)
+    spent = time.monotonic() - started
+    planned = with_epochs(cfg, fitting_epochs(cfg, times, TARGET * budget - spent))
+    print(plan_line(cfg, planned, times, budget, spent))
+    if planned_seconds(with_epochs(cfg, 1), times) > budget - spent:
+        print(f"warning: --budget {cfg.budget} holds less than one epoch of this run: it trains one")
+    progress.budget = {"seconds": budget, "cap": dataclasses.asdict(cfg), "times": dataclasses.asdict(times),
+                       "spent": spent, "replanned": False}
+    return planned
+
+
+def replan(run: Run, progress: Progress, spent: float) -> None:
+    """Called at the start of every epoch (spent: the seconds the run has spent so far). Once, in the process that
+    planned the run, at the start of the third epoch: when the second epoch's wall time was more than REPLAN_OFF off
+    the plan, the epochs that fit in what is left of the budget, at the times scaled by that error; the schedule is
+    laid out again from where the run is."""
+    plan = progress.budget
+    if not plan or plan["replanned"] or progress.done or progress.epoch not in (1, 2):
+        return
+    spent = distributed.from_main(spent)
+    if progress.epoch == 1:
+        plan["second_epoch_from"] = spent
+        return
+    plan["replanned"] = True
+    cap, times = Config(**plan["cap"]), Times(**plan["times"])
+    times.step = {int(side): seconds for side, seconds in times.step.items()}
+    took = spent - plan["second_epoch_from"]
+    expected = epoch_seconds(run.cfg, times, 1, epoch_sizes(run.cfg)[1])
+    if abs(took / expected - 1) <= REPLAN_OFF or backbone_frozen(run.cfg, 1):  # a frozen epoch has no full step
+        return
+    scale = took / expected
+    times = dataclasses.replace(times, step={s: t * scale for s, t in times.step.items()}, val=times.val * scale,
+                                save=times.save * scale)
+    epochs = distributed.from_main(fitting_epochs(cap, times, TARGET * plan["seconds"] - spent, first_epoch=2))
+    if epochs != run.cfg.epochs:
+        print(f"--budget {cap.budget}: epoch 2 took {took:.1f} s, planned {expected:.1f} s: {epochs} epoch(s) fit "
+              f"now, not {run.cfg.epochs}")
+        reschedule(run, with_epochs(cap, epochs), times.steps_per_epoch)
+
+
+def reschedule(run: Run, cfg: Config, steps_per_epoch: int) -> None:
+    """The run goes on under cfg's schedule (another number of epochs): a new LR schedule stepped to where the run
+    is, and the loss and mixing of the new epoch counts."""
+    trained, done = run.optimizer.state_dict(), run.scheduler.last_epoch  # the scheduler steps once per step
+    run.optimizer = build_optimizer(run.model, scaled_lr(cfg))
+    run.scheduler = build_scheduler(run.optimizer, scaled_lr(cfg), steps_per_epoch)
+    replay_schedule(run.optimizer, run.scheduler, done, trained)
+    run.cfg = cfg
+    run.criterion = TrainLoss(cfg, run.criterion.weights)
+    run.mixer = build_mixer(cfg, len(run.classes))
+
+
+def kept_on_resume(ckpt: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The flags of a resumed run, for a --budget run: the plan stays (the same --budget, --epochs cap and unscaled
+    epoch settings as given at the start are taken as the plan's own); --budget added to a run without one is
+    refused."""
+    plan = ckpt["progress"].get("budget")
+    if not plan:
+        if given.get("budget"):
+            raise UserError("--budget cannot be added on resume: the run's schedule is laid out already (start a new "
+                            "run with --budget, or resume without it)")
+        return given
+    cap, saved = plan["cap"], ckpt["config"]
+    return {name: saved[name] if name == "budget" or name in cap and value == cap[name] else value
+            for name, value in given.items()}

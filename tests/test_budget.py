@@ -1,0 +1,105 @@
+"""--budget: the plan from injected times, the settings it scales, a real run that ends inside its budget with its
+schedule finished, a resume that keeps the plan bit for bit, and the mistakes."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import train
+from budget import Times, fitting_epochs, planned_seconds, sides
+from config import Config, with_epochs
+from conftest import LIGHT, ROOT, SAMPLE, TIMING_COLUMNS, error_line, run_main
+from folds import fold_budget
+
+# 10 steps of 0.1 s, a 1 s val pass and a 0.5 s save: an epoch costs 1 + 1 + min(0.5, 0.1 x 2) + 0.25 x 0.5
+TIMES = Times(step={32: 0.1}, val=1.0, save=0.5, steps_per_epoch=10)
+CAP = Config(img_size=32, epochs=100, ema=False)
+
+
+def test_the_plan_takes_the_most_epochs_that_fit_and_never_more_than_the_cap():
+    assert planned_seconds(with_epochs(CAP, 21), TIMES) == pytest.approx(21 * 2.325 + 0.5)
+    assert fitting_epochs(CAP, TIMES, 50.0) == 21  # 21 x 2.325 + 0.5 = 49.3 s; 22 epochs take 51.65 s
+    assert fitting_epochs(CAP, TIMES, 1e6) == 100  # --epochs is the cap
+    assert fitting_epochs(CAP, TIMES, 1.0) == 1  # nothing fits: one epoch
+    assert fitting_epochs(CAP, TIMES, 1.0, first_epoch=3) == 3  # a re-plan with nothing left ends where it is
+    with_ema = with_epochs(Config(img_size=32, epochs=100, ema=True, ema_start_epoch=50), 10)
+    # from epoch 5 the EMA weights are validated too: 1 + 2 x 1 + min(0.5, 0.1 x 3) + 0.125 = 3.425 s an epoch
+    assert planned_seconds(with_ema, TIMES) == pytest.approx(5 * 2.325 + 5 * 3.425 + 0.5)
+
+
+def test_a_progressive_plan_is_timed_at_each_side_it_may_train_at():
+    cap = Config(img_size=224, epochs=10, progressive=0.5, ema=False)
+    assert sides(cap) == [128, 160, 192, 224]
+    times = Times(step={128: 0.1, 160: 0.2, 192: 0.3, 224: 0.4}, val=0.0, save=0.0, steps_per_epoch=1)
+    assert planned_seconds(cap, times) == pytest.approx(0.1 * 3 + 0.2 * 2 + 0.3 * 2 + 0.4 * 3)
+
+
+def test_epoch_counted_settings_are_shares_of_the_cap():
+    cap = Config(epochs=100, focal_start=14, focal_full=17, warmup_epochs=2.0, t_max=80.0, ema_start_epoch=50,
+                 mix_off_epoch=90, freeze_epochs=0)
+    ten = with_epochs(cap, 10)
+    assert (ten.epochs, ten.focal_start, ten.focal_full, ten.ema_start_epoch, ten.mix_off_epoch) == (10, 1, 2, 5, 9)
+    assert ten.warmup_epochs == pytest.approx(0.2) and ten.t_max == pytest.approx(8.0) and ten.freeze_epochs == 0
+    one = with_epochs(cap, 1)  # every phase that starts inside the run starts inside a 1-epoch one too
+    assert (one.focal_start, one.focal_full, one.ema_start_epoch, one.mix_off_epoch) == (0, 0, 0, 1)
+
+
+def test_each_fold_takes_an_even_share_of_what_is_left():
+    cfg = Config(budget="100s", folds=4, all_folds=True)
+    flag, value = fold_budget(cfg, 0, time.monotonic())
+    assert flag == "--budget" and float(value[:-1]) == pytest.approx(25.0, abs=0.2)
+    assert float(fold_budget(cfg, 3, time.monotonic() - 40)[1][:-1]) == pytest.approx(60.0, abs=0.2)
+    assert fold_budget(Config(folds=4), 0, time.monotonic()) == []
+
+
+def test_a_budget_run_ends_inside_its_budget_with_its_schedule_finished_and_resumes_its_plan(tmp_path, capsys):
+    budget = 30
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", SAMPLE, "--output-dir", tmp_path,
+               "--run-name", "b", *LIGHT, "--epochs", 60, "--budget", f"{budget}s", "--keep-epochs", 60]
+    start = time.monotonic()
+    proc = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--budget {budget}s: measured " in proc.stdout and "(--epochs 60 is the cap)" in proc.stdout
+    # the whole process, its start-up included, inside the budget give or take the other test worker's load
+    assert 0.6 * budget <= wall <= 1.25 * budget, (wall, proc.stdout[-2000:])
+    run_dir = tmp_path / "b"
+    history, last = pd.read_csv(run_dir / "history.csv"), torch.load(run_dir / "last.pt", weights_only=True)
+    planned = last["config"]["epochs"]
+    assert list(history["epoch"]) == list(range(1, planned + 1)) and 3 <= planned < 60  # finished, as planned
+    assert last["progress"]["budget"]["seconds"] == budget and last["progress"]["budget"]["replanned"]
+
+    # resumed from the first epoch copy made after the plan's last change, the run keeps its plan: no timing, the
+    # same epochs, bit for bit
+    copy = next(p for p in sorted(run_dir.glob("epoch-*.pt"))
+                if torch.load(p, weights_only=True)["progress"]["budget"]["replanned"])
+    resumed = tmp_path / "resumed"
+    os.makedirs(resumed)
+    shutil.copy(copy, resumed / "last.pt")
+    code, out, err = run_main(train.main, ["--resume", resumed / "last.pt", "--budget", "99s", "--epochs", 60], capsys)
+    assert code == 0, err
+    assert "measured" not in out
+    ours = pd.read_csv(resumed / "history.csv")
+    pd.testing.assert_frame_equal(ours.drop(columns=TIMING_COLUMNS), history.drop(columns=TIMING_COLUMNS))
+    theirs = torch.load(resumed / "last.pt", weights_only=True)
+    for name, tensor in last["model"].items():
+        assert torch.equal(theirs["model"][name], tensor), name
+
+
+def test_budget_mistakes_are_one_line(trained_run, tmp_path, capsys):
+    code, _, err = run_main(train.main, ["--data-dir", SAMPLE, "--output-dir", tmp_path, *LIGHT, "--budget", "soon"],
+                            capsys)
+    assert "--budget 'soon': give a duration such as 90m" in error_line(code, err)
+    run_dir = tmp_path / "copy"
+    os.makedirs(run_dir)
+    shutil.copy(trained_run[0] / "last.pt", run_dir / "last.pt")
+    code, _, err = run_main(train.main, ["--resume", run_dir / "last.pt", "--budget", "10m"], capsys)
+    assert "--budget cannot be added on resume" in error_line(code, err)
+    code, out, _ = run_main(train.main, ["--data-dir", SAMPLE, "--output-dir", tmp_path, *LIGHT, "--budget", "10m",
+                                         "--find-lr", "--lr-find-steps", 5], capsys)
+    assert code == 0 and "--budget 10m has no effect with --find-lr" in out
