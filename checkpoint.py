@@ -28,9 +28,11 @@ or .safetensors; also under a 'state_dict' entry, as timm's training scripts sav
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -75,6 +77,20 @@ def fsync_folder(folder):
         os.close(fd)
 
 
+def checkpoint_files(paths: Sequence[str]) -> list[str]:
+    """The files named, with a folder standing for every best.pt below it (sorted: fold0, fold1, ...)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "**", "best.pt"), recursive=True))
+            if not found:
+                raise UserError(f"{path} holds no best.pt (in it or in any folder below it)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Our checkpoints hold tensors and plain types only; anything else (pickled code) is refused."""
     if not os.path.isfile(path):
@@ -114,6 +130,7 @@ def run_identity(run):
         "classes": list(run.classes),
         "class_counts": [int(n) for n in run.class_counts],
         "config": dataclasses.asdict(run.cfg),
+        "teachers": run.teachers.record if run.teachers is not None else [],  # --teacher: files and hashes
         "torch_version": str(torch.__version__),
     }
 

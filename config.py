@@ -180,6 +180,15 @@ class Config:
     class_weights_from: str = opt("focal", "apply class weights to the focal part only (as the seed; with "
                                            "--loss ce, which has no focal part, to the cross-entropy) or from the "
                                            "first epoch to every loss", choices=["focal", "start"], group="loss")
+    teacher: list = opt([], "distil from these checkpoints of your own (a folder: every best.pt below it, e.g. the "
+                            "fold models of --all-folds): the student also learns their averaged softened "
+                            "predictions on the very batch it sees, each teacher at its own input size and "
+                            "normalisation; they must know the student's classes (docs/distillation.md)",
+                        group="loss", nargs="+", type=str)
+    distill_weight: float = opt(0.5, "with --teacher: the share of the distillation loss (KL to the teachers) in the "
+                                     "blend with the label loss", group="loss")
+    distill_temperature: float = opt(4.0, "with --teacher: the softmax temperature of teachers and student in the "
+                                          "distillation loss", group="loss")
 
     # cross-validation
     folds: int = opt(0, "K-fold cross-validation: pool train/ and val/ (or train/ alone, without a val/ folder), "
@@ -282,7 +291,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> dict[str, argparse._Argu
                 kwargs["choices"] = meta["choices"]
             if meta["nargs"]:
                 kwargs["nargs"] = meta["nargs"]
-                kwargs["metavar"] = "N"
+                kwargs["metavar"] = "N" if kwargs["type"] in (int, float) else "PATH"
         groups[meta["group"]].add_argument(flag, **kwargs)
     return groups
 
@@ -447,10 +456,10 @@ def check_ranges(cfg: Config) -> None:
         need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1 (it is {getattr(cfg, name)})")
     need(cfg.img_size >= 0, f"--img-size must be at least 1, or 0 for the model's own (it is {cfg.img_size})")
     need(not cfg.std or min(cfg.std) > 0, "--std takes three standard deviations above 0")
-    for name in ("lr", "ema_decay", "class_weights_beta"):
+    for name in ("lr", "ema_decay", "class_weights_beta", "distill_temperature"):
         need(getattr(cfg, name) > 0, f"{flag(name)} must be above 0 (it is {getattr(cfg, name):g})")
     for name in ("hflip", "grayscale", "blur", "erasing", "mix_prob", "mix_switch_prob", "label_smoothing",
-                 "focal_blend", "ema_decay", "max_bad_frac"):
+                 "focal_blend", "ema_decay", "max_bad_frac", "distill_weight"):
         need(0 <= getattr(cfg, name) <= 1, f"{flag(name)} must lie in [0, 1] (it is {getattr(cfg, name):g})")
     need(0 <= cfg.eval_crop_ratio <= 1, f"--eval-crop-ratio {cfg.eval_crop_ratio:g} must lie in (0, 1], or be 0 for "
                                         "the model's own: it is crop / resize, e.g. 224/256 = 0.875 (a ratio above 1 "
@@ -554,6 +563,8 @@ def unused_settings(cfg):
         ("fold", not cfg.folds, "there is no --folds K"),
         ("min_delta", not cfg.patience, "there is no --patience N"),
         ("progressive_full", not cfg.progressive, "there is no --progressive F"),
+        ("distill_weight", not cfg.teacher, "there is no --teacher"),
+        ("distill_temperature", not cfg.teacher, "there is no --teacher"),
         ("mix_off_epoch", cfg.mix_off_epoch >= cfg.epochs, f"it is not before --epochs {cfg.epochs}"),
     ]
     rules += [(name, not seed_list, f"only --aug seed uses it (--aug {cfg.aug})")

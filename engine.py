@@ -29,6 +29,7 @@ from batches import loader_options, normalisation, to_float_batch
 from checkpoint import save_last
 from config import Config
 from dataset import LabelledImages
+from distill import distilled_loss, load_teachers
 from errors import UserError
 from finetune import backbone_frozen, param_groups, set_backbone_frozen
 from losses import TrainLoss, class_weights
@@ -148,7 +149,7 @@ def build_run(cfg: Config, model: torch.nn.Module, device: torch.device, train_s
                mixer=build_mixer(cfg, len(train_set.classes)), classes=tuple(train_set.classes),
                class_counts=tuple(int(n) for n in counts), run_dir=run_dir,
                board=Board(run_dir, train_set, cfg) if cfg.tensorboard and distributed.is_main() else None,
-               writes=EpochWrites(cfg.save_share))
+               writes=EpochWrites(cfg.save_share), teachers=load_teachers(cfg, train_set.classes, device))
 
 
 def training_module(run: Run, frozen: bool) -> torch.nn.Module:
@@ -201,6 +202,8 @@ def train_step(run: Run, micro_batches: Sequence[tuple[torch.Tensor, torch.Tenso
             with autocast(device, run.dtype):
                 logits = model(x)
             loss = run.criterion(logits, y, epoch)
+            if run.teachers is not None:  # --teacher: on the same augmented and mixed batch
+                loss = distilled_loss(loss, logits, run.teachers.probs(x, run.dtype, cfg.distill_temperature), cfg)
             run.scaler.scale(loss * (len(y) / total)).backward()
         loss_sum += loss.detach() * len(y)
         correct += count_correct(logits.detach(), y)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import glob
 import os
 
 import numpy as np
@@ -30,13 +29,12 @@ from tqdm import tqdm
 import distributed
 from augment import eval_crop, eval_sizes, eval_transform
 from batches import loader_options
-from checkpoint import load_checkpoint, select_weights
-from config import config_from_dict
+from checkpoint import checkpoint_files
 from dataset import FlatImages, LabelledImages, find_classes
 from errors import UserError, check_folder_path, run_cli
 from export import export_members
-from model import build_model, check_input_size, data_summary, resolve_data
-from predict import TTA_MODES, predict_probs
+from model import check_input_size, data_summary
+from predict import TTA_MODES, load_model, predict_probs
 from report import Labelled, write_report
 from utils import amp_dtype, default_workers, native_bf16, pick_device, precision_name, short_list
 
@@ -141,39 +139,6 @@ def csv_columns(text):
 
 
 # ---------------------------------------------------------------- model
-
-
-def checkpoint_files(paths):
-    """The files named, with a folder standing for every best.pt below it (sorted: fold0, fold1, ...)."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "**", "best.pt"), recursive=True))
-            if not found:
-                raise UserError(f"{path} holds no best.pt (in it or in any folder below it)")
-            files += found
-        else:
-            files.append(path)
-    return files
-
-
-def load_model(path, which, device):
-    """(model, config, class names, weights source, class prior): the prior is the training class frequencies."""
-    ckpt = load_checkpoint(path)
-    # the input settings the run trained with; a checkpoint from before they were stored gets torchvision's
-    cfg = resolve_data(config_from_dict(ckpt["config"]))
-    classes = list(ckpt["classes"])
-    counts = np.asarray(ckpt.get("class_counts") or np.ones(len(classes)), dtype=np.float64)
-    state, source = select_weights(ckpt, which, path)
-    model = build_model(cfg.arch, len(classes), weights="none", head=cfg.head, head_dropout=cfg.head_dropout)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not match its own config ({cfg.arch}, {len(classes)} classes): "
-                        f"{str(e).splitlines()[0]}") from None
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model.to(device).eval(), cfg, classes, source, (counts / counts.sum()).astype(np.float32)
 
 
 def load_members(args, device):

@@ -3,12 +3,16 @@ their one forward pass, the softmax averaged over them. inference.py, bench.py a
 and export.py builds the exported graph's views and average from the same functions."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from augment import center_crop, eval_crop
 from batches import normalisation, to_float_batch
-from config import Config
+from checkpoint import load_checkpoint, select_weights
+from config import Config, config_from_dict
+from errors import UserError
+from model import build_model, resolve_data
 from utils import amp_dtype, autocast
 
 TTA_MODES = ["none", "flip", "flip-crops"]
@@ -49,3 +53,22 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, device: torch.de
     with autocast(device, amp_dtype(cfg, device)):
         logits = model(torch.cat(views))
     return mean_over_views(logits, len(views)).cpu()
+
+
+def load_model(path: str, which: str, device: torch.device) -> tuple:
+    """(model, config, class names, weights source, class prior): the prior is the training class frequencies."""
+    ckpt = load_checkpoint(path)
+    # the input settings the run trained with; a checkpoint from before they were stored gets torchvision's
+    cfg = resolve_data(config_from_dict(ckpt["config"]))
+    classes = list(ckpt["classes"])
+    counts = np.asarray(ckpt.get("class_counts") or np.ones(len(classes)), dtype=np.float64)
+    state, source = select_weights(ckpt, which, path)
+    model = build_model(cfg.arch, len(classes), weights="none", head=cfg.head, head_dropout=cfg.head_dropout)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not match its own config ({cfg.arch}, {len(classes)} classes): "
+                        f"{str(e).splitlines()[0]}") from None
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model.to(device).eval(), cfg, classes, source, (counts / counts.sum()).astype(np.float32)

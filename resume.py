@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import distributed
 from checkpoint import restore_training_state
 from config import Config, config_from_dict, with_implied
+from distill import check_same_teachers
 from errors import UserError
 from run import Progress
 from run_folder import last_path
@@ -82,6 +83,7 @@ def resume_training(ckpt: dict[str, Any], run: Run, progress: Progress, steps_pe
     interrupted epoch goes on with the images no process has trained on yet, shared among the new processes, and
     the LR schedule is laid out again for the new steps per epoch (as --allow-schedule-change does), at the LR that
     --lr-scale gives the new number of processes."""
+    check_same_teachers(ckpt.get("teachers", []), run.teachers)
     saved, cfg = ckpt["progress"], run.cfg
     processes = distributed.world_size()
     done = saved.get("done", saved["step"] * cfg.batch_size)  # earlier versions counted one process's steps

@@ -34,6 +34,7 @@ class Run:
     board: object = None  # tensorboard_log.Board with --tensorboard, on rank 0
     train_model: Optional[torch.nn.Module] = None  # what the epoch trains: the model, or its DDP wrapper
     writes: object = None  # run_folder.EpochWrites: when last.pt and the plots are written (--save-share)
+    teachers: object = None  # distill.Teachers with --teacher
 
     @property
     def plain(self) -> torch.nn.Module:

@@ -35,6 +35,7 @@ from budget import kept_on_resume, planned_config, process_seconds, replan
 from checkpoint import best_checkpoint, load_resumable, save_atomic, save_last, saved_progress
 from config import (Config, add_config_args, check_config, config_file_args, config_from_args, read_config_file,
                     time_limit_seconds)
+from distill import teacher_lines
 from dataset import build_train_val, check_images, list_files, not_images_note
 from engine import (build_run, epoch_scores, make_loaders, report_bad_files, scaled_lr, steps_per_epoch,
                     train_one_epoch, training_module)
@@ -350,7 +351,7 @@ def describe(run, train_set, val_set):
     print(f"{n} process(es) x --batch-size {cfg.batch_size} = global batch {n * cfg.batch_size}, "
           f"lr {run_cfg.lr:g}{scaling}")
     print(data_summary(cfg))
-    for line in plan_lines(cfg):
+    for line in plan_lines(cfg) + teacher_lines(run.teachers, [path for path, _ in val_set.samples]):
         print(line)
     if distributed.is_main():
         remove_stale_temp_files(run.run_dir)

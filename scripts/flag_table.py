@@ -41,8 +41,10 @@ def flag_cell(action):
     text = "/".join(action.option_strings)
     if action.choices:
         text += " " + "|".join(action.choices)
-    elif action.nargs not in (None, 0) and action.metavar:
+    elif isinstance(action.nargs, int) and action.nargs and action.metavar:
         text += " " + " ".join([action.metavar] * action.nargs)
+    elif action.nargs == "+" and action.metavar:
+        text += f" {action.metavar} [{action.metavar} ...]"
     elif action.metavar and action.nargs != 0:
         text += " " + action.metavar
     return "`" + text.replace("|", "\\|") + "`"

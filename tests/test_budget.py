@@ -13,7 +13,7 @@ import torch
 import train
 from budget import Times, fitting_epochs, planned_seconds, sides
 from config import Config, with_epochs
-from conftest import LIGHT, ROOT, SAMPLE, TIMING_COLUMNS, error_line, run_main
+from conftest import LIGHT, ROOT, SAMPLE, TIMING_COLUMNS, copy_sample, error_line, run_main
 from folds import fold_budget
 
 # 10 steps of 0.1 s, a 1 s val pass and a 0.5 s save: an epoch costs 1 + 1 + min(0.5, 0.1 x 2) + 0.25 x 0.5
@@ -58,8 +58,9 @@ def test_each_fold_takes_an_even_share_of_what_is_left():
 
 
 def test_a_budget_run_ends_inside_its_budget_with_its_schedule_finished_and_resumes_its_plan(tmp_path, capsys):
-    budget = 30
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", SAMPLE, "--output-dir", tmp_path,
+    # 30 images, one step an epoch: a plan of many short epochs, whatever the other test worker's load
+    budget, data = 30, copy_sample(tmp_path / "data", ["0", "1", "2"], train=10, val=4, test=2)
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", data, "--output-dir", tmp_path,
                "--run-name", "b", *LIGHT, "--epochs", 60, "--budget", f"{budget}s", "--keep-epochs", 60]
     start = time.monotonic()
     proc = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -71,13 +72,13 @@ def test_a_budget_run_ends_inside_its_budget_with_its_schedule_finished_and_resu
     run_dir = tmp_path / "b"
     history, last = pd.read_csv(run_dir / "history.csv"), torch.load(run_dir / "last.pt", weights_only=True)
     planned = last["config"]["epochs"]
-    assert list(history["epoch"]) == list(range(1, planned + 1)) and 3 <= planned < 60  # finished, as planned
+    assert list(history["epoch"]) == list(range(1, planned + 1)) and 4 <= planned < 60  # finished, as planned
     assert last["progress"]["budget"]["seconds"] == budget and last["progress"]["budget"]["replanned"]
 
-    # resumed from the first epoch copy made after the plan's last change, the run keeps its plan: no timing, the
-    # same epochs, bit for bit
-    copy = next(p for p in sorted(run_dir.glob("epoch-*.pt"))
-                if torch.load(p, weights_only=True)["progress"]["budget"]["replanned"])
+    # resumed from the copy of its second-to-last epoch, made after the plan's last change (the check at the start
+    # of epoch 3), the run keeps its plan: no timing, the same epochs, bit for bit
+    copy = run_dir / f"epoch-{planned - 1:03d}.pt"
+    assert torch.load(copy, weights_only=True)["progress"]["budget"]["replanned"]
     resumed = tmp_path / "resumed"
     os.makedirs(resumed)
     shutil.copy(copy, resumed / "last.pt")
