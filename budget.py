@@ -7,14 +7,17 @@ shares of --epochs, scaled to the planned count (config.with_epochs).
 After the second epoch the plan is checked once against the wall time that epoch really took (its saves, plots and
 everything else a run does between epochs included; the second, because the first also pays one-off costs: the
 loader's and the plots' first use, the first best.pt), and laid out again from what is left of the budget when it
-was off by more than REPLAN_OFF. A resumed run keeps its plan (and whatever the re-plan made of it) and never times again:
-given its plan, a run is a function of its config, and resumes bit for bit. Under torchrun every process takes part
+was off by more than REPLAN_OFF. A resumed run keeps its plan (and whatever the re-plan made of it) and never times again,
+whatever --budget it is given: resumed from the third epoch on, after the re-plan's check, it goes on bit for bit as
+the uninterrupted run; resumed before, it keeps its first plan. A run whose second epoch is frozen (--freeze-epochs)
+is not re-planned (that epoch times no full step). Under torchrun every process takes part
 in the timing (the steps are collective) and the first process's times and decisions hold for all.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
 import os
 import time
@@ -24,19 +27,21 @@ import torch
 
 import distributed
 from checkpoint import replay_schedule, save_atomic, training_checkpoint
-from config import Config, time_limit_seconds, with_epochs
-from engine import (build_optimizer, build_run, build_scheduler, endless_groups, evaluate, scaled_lr, train_step,
-                    training_module)
+from config import EPOCH_SETTINGS, Config, time_limit_seconds, with_epochs
+from augment import BatchAugment
+from engine import (build_optimizer, build_run, build_scheduler, count_step, endless_groups, evaluate, scaled_lr,
+                    train_step, training_module)
 from errors import UserError
 from finetune import backbone_frozen
 from losses import TrainLoss
 from mix import build_mixer
 from progressive import STEP, epoch_sizes
 from run import Progress, Run
+from run_folder import write_config
 from utils import rng_state, set_rng_state
 
 TARGET = 0.95  # the share of the budget a plan fills: the run ends at 90-100% of it with its schedule finished
-REPLAN_OFF = 0.10  # the first epoch's error, against the plan, that lays the plan out again
+REPLAN_OFF = 0.10  # the second epoch's error, against the plan, that lays the plan out again
 PROBE_STEPS = 3  # timed optimiser steps per side, after one untimed warm-up step
 BEST_SHARE = 0.25  # best.pt's write per epoch, as a share of last.pt's: half its size, every other epoch
 
@@ -97,11 +102,12 @@ def planned_seconds(cfg: Config, times: Times, first_epoch: int = 0) -> float:
 
 def fitting_epochs(cap: Config, times: Times, seconds: float, first_epoch: int = 0) -> int:
     """The most epochs, at most cap.epochs, whose schedule (the epochs from first_epoch on) fits in `seconds`; when
-    none does, the epochs trained already (first_epoch), or 1 for a run that has trained none. cap: the config as
-    given, its epoch-counted settings shares of its epochs."""
+    none does, one epoch more than first_epoch, so that the LR schedule still ends at its floor (a plan past its
+    budget beats one that stops with the LR high). cap: the config as given, its epoch-counted settings shares of
+    its epochs."""
     fits = [n for n in range(first_epoch + 1, cap.epochs + 1)
             if planned_seconds(with_epochs(cap, n), times, first_epoch) <= seconds]
-    return max(fits, default=max(1, first_epoch))
+    return max(fits, default=first_epoch + 1)
 
 
 def plan_line(cap: Config, cfg: Config, times: Times, budget: float, spent: float) -> str:
@@ -136,12 +142,14 @@ def measure(cfg: Config, model: torch.nn.Module, device: torch.device, loaders, 
                       run_dir)
     probe.train_model = training_module(probe, False)  # under torchrun the steps are collective, as in training
     probe.train_model.train()
-    groups, step = endless_groups(loaders, cfg.accum_steps), {}
+    groups, step, augment = endless_groups(loaders, cfg.accum_steps), {}, BatchAugment.from_config(cfg)
+
+    def one_step():  # as the epoch steps: device-side augmentation, the EMA update, the scheduler
+        count_step(probe, Progress(), *train_step(probe, next(groups), 0, augment))
     for side in sides(cfg):
         probe.cfg = dataclasses.replace(cfg, img_size=side, progressive_full=1.0)  # every epoch at this side
-        train_step(probe, next(groups), 0)  # warm-up: allocator, cuDNN autotuning, compilation at this side
-        step[side] = timed(lambda: [train_step(probe, next(groups), 0) for _ in range(PROBE_STEPS)],
-                           device) / PROBE_STEPS
+        one_step()  # warm-up: allocator, cuDNN autotuning, compilation at this side
+        step[side] = timed(lambda: [one_step() for _ in range(PROBE_STEPS)], device) / PROBE_STEPS
     probe.cfg = cfg
     val = timed(lambda: evaluate(probe.model, loaders.val, probe, desc="timing val"), device)
     path = os.path.join(run_dir, f".tmp-budget-{os.getpid()}.pt")
@@ -149,6 +157,10 @@ def measure(cfg: Config, model: torch.nn.Module, device: torch.device, loaders, 
         if distributed.is_main() else 0.0
     if os.path.exists(path):
         os.remove(path)
+    del probe  # its model, optimiser, EMA and teachers: before the run's own are built
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     set_rng_state(rng)
     loaders.sampler.start_epoch(0)
     measured = Times(step, val, save, math.ceil(len(loaders.train) / cfg.accum_steps))
@@ -168,7 +180,9 @@ def planned_config(opened: Any, progress: Progress, model: torch.nn.Module, devi
         return cfg
     budget = time_limit_seconds(cfg.budget, "--budget")
     times = measure(cfg, model, device, loaders, loaders.train.dataset, opened.run_dir)
-    spent = time.monotonic() - started
+    # the first process's budget and clock for all: each process started at its own moment, and under --all-folds
+    # each was handed its own share
+    budget, spent = distributed.from_main((budget, time.monotonic() - started))
     planned = with_epochs(cfg, fitting_epochs(cfg, times, TARGET * budget - spent))
     print(plan_line(cfg, planned, times, budget, spent))
     if planned_seconds(with_epochs(cfg, 1), times) > budget - spent:
@@ -184,7 +198,8 @@ def replan(run: Run, progress: Progress, spent: float) -> None:
     the plan, the epochs that fit in what is left of the budget, at the times scaled by that error; the schedule is
     laid out again from where the run is."""
     plan = progress.budget
-    if not plan or plan["replanned"] or progress.done or progress.epoch not in (1, 2):
+    if not plan or plan["replanned"] or progress.done or progress.epoch not in (1, 2) or \
+            progress.epoch >= run.cfg.epochs:
         return
     spent = distributed.from_main(spent)
     if progress.epoch == 1:
@@ -204,7 +219,17 @@ def replan(run: Run, progress: Progress, spent: float) -> None:
     if epochs != run.cfg.epochs:
         print(f"--budget {cap.budget}: epoch 2 took {took:.1f} s, planned {expected:.1f} s: {epochs} epoch(s) fit "
               f"now, not {run.cfg.epochs}")
-        reschedule(run, with_epochs(cap, epochs), times.steps_per_epoch)
+        reschedule(run, begun_phases_kept(with_epochs(cap, epochs), run.cfg, progress.epoch),
+                   times.steps_per_epoch)
+
+
+def begun_phases_kept(new: Config, old: Config, epoch: int) -> Config:
+    """The re-planned config, with every epoch-counted phase that has begun by `epoch` (focal loss, the EMA's
+    validation, the end of the freeze or of mixing, the warmup) left where it began: a re-plan to more epochs must
+    not freeze the backbone again or go back to cross-entropy."""
+    kept = {name: getattr(old, name) for name in EPOCH_SETTINGS
+            if name != "t_max" and 0 < getattr(old, name) <= epoch}
+    return dataclasses.replace(new, **kept)
 
 
 def reschedule(run: Run, cfg: Config, steps_per_epoch: int) -> None:
@@ -217,6 +242,8 @@ def reschedule(run: Run, cfg: Config, steps_per_epoch: int) -> None:
     run.cfg = cfg
     run.criterion = TrainLoss(cfg, run.criterion.weights)
     run.mixer = build_mixer(cfg, len(run.classes))
+    if distributed.is_main():  # config.json says what the run trains with (a --config of it resumes the run)
+        write_config(run.run_dir, cfg, list(run.classes), distributed.world_size())
 
 
 def kept_on_resume(ckpt: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -149,7 +149,8 @@ class Config:
                           "settings (--warmup-epochs, --t-max, --freeze-epochs, --ema-start-epoch, --focal-start, "
                           "--focal-full, --mix-off-epoch) are shares of --epochs, scaled to the planned count; it "
                           "plans again once after the second epoch (the first pays one-off start-up costs) when that took "
-                          "over 10%% more or less than planned; a resumed run keeps its plan; with --all-folds it is "
+                          "over 10%% more or less than planned (not when that epoch is frozen); a resumed run keeps its "
+                          "plan whatever --budget it is given; with --all-folds it is "
                           "the whole command's, each fold taking an even share of what is left; --time-limit stays a "
                           "hard stop", group="stopping")
 

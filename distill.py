@@ -92,10 +92,14 @@ def trained_images(path: str, cfg: Config) -> set[str]:
     elif cfg.val_fraction and os.path.isfile(split):
         table = pd.read_csv(split, dtype=str, keep_default_na=False)
         names = table.loc[table["split"] == "train", "image"]
-    else:
-        train_dir = os.path.join(cfg.data_dir, "train")
-        classes = sorted(os.listdir(train_dir)) if os.path.isdir(train_dir) else []
-        return {os.path.realpath(p) for c in classes for p in list_files(os.path.join(train_dir, c))[0]}
+    else:  # all of train/, and val/ too for a fold model whose folds.csv is not beside it (the two were pooled)
+        found = set()
+        for part in ("train", "val") if cfg.folds else ("train",):
+            folder = os.path.join(cfg.data_dir, part)
+            for c in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                if os.path.isdir(os.path.join(folder, c)):
+                    found |= {os.path.realpath(p) for p in list_files(os.path.join(folder, c))[0]}
+        return found
     return {os.path.realpath(os.path.join(cfg.data_dir, name)) for name in names}
 
 

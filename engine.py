@@ -284,7 +284,7 @@ def train_one_epoch(run: Run, loader: torch.utils.data.DataLoader, epoch: int, p
     return True
 
 
-def count_step(run, progress, value, correct, n):
+def count_step(run: Run, progress: Progress, value: float, correct: float, n: float) -> None:
     """After a step: the EMA follows a good one and its sums enter the epoch's; a non-finite one is counted."""
     if math.isfinite(value):
         if run.ema is not None:

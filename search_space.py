@@ -141,7 +141,7 @@ def check_value(name, value, field, where):
                         }.get(type(default), (is_number(value), "a number"))
     if not ok:
         raise UserError(f"--space {where}: {name} must be {expected} (it is {value!r})")
-    if field is not None:
+    if field is not None and name != "min_lr":  # --min-lr's range is --lr's, which the study may set
         check_range(name, value, where)
 
 

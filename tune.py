@@ -26,6 +26,7 @@ from config import Config, time_limit_seconds
 from errors import UserError, check_folder_path, run_cli
 from search_budget import (confirm_reserve, confirm_runs, earlier_trial_seconds, plan_estimate, print_plan,
                            search_time_left, trial_time_limit, update_trial_seconds)
+from search_final import train_final
 from search_report import write_report
 from search_selection import confirm, fewer_seeds_note, noise_note, ranking, started
 from search_space import PLAIN, PLAIN_NO_FLIP, check_focal_order, in_space, load_space, setting_flags, short, suggest
@@ -52,6 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", required=True, help="dataset root, as train.py's --data-dir")
     p.add_argument("--budget", default="", help="wall time of this command, search and confirmation together "
                    "(90m, 2h, 3600s); the search stops in time to leave the confirmation runs their share")
+    p.add_argument("--train-final", action="store_true", help="then train the winner (train.py --config "
+                   "best_config.json, with --budget: in what is left of it, --final-epochs being the cap) and write "
+                   "its prediction of the test folder to <output-dir>/<name>/prediction.csv")
+    p.add_argument("--search-share", type=float, default=0.5, help="with --train-final and --budget: the share of "
+                   "the budget the search and its confirmation take; the final run takes the rest "
+                   "(default: %(default)s)")
     p.add_argument("--trials", type=int, default=0, help="search trials this command adds to the study (0: as many "
                    "as --budget holds; with --budget too, whichever ends first)")
     p.add_argument("--epochs-per-trial", type=int, default=5, help="epochs of every trial (default: %(default)s)")
@@ -318,6 +325,8 @@ def check_args(args) -> float | None:
     if "none" in args.first_trials and len(args.first_trials) > 1:
         raise UserError("--first-trials none: give it alone (no known recipe first), or any of defaults, plain, "
                         "plain-no-flip")
+    if not 0 < args.search_share < 1:
+        raise UserError(f"--search-share {args.search_share:g} must lie in (0, 1): the search's share of --budget")
     if args.prune_warmup is None:
         args.prune_warmup = max(1, args.epochs_per_trial // 3)
     if min(args.confirm_top, args.confirm_seeds + 1, args.prune_startup + 1, args.prune_warmup + 1) < 1:
@@ -339,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     study, storage = open_study(args, study_dir)
     check_setup(study, args, cfg, space)
     earlier = earlier_trial_seconds(study)
-    search = Search(args, train_args, space, cfg, study_dir, started + budget if budget else None, earlier,
+    search_budget = budget * args.search_share if budget and args.train_final else budget
+    search = Search(args, train_args, space, cfg, study_dir, started + search_budget if budget else None, earlier,
                     earlier > 0)
     search.reserve = confirm_reserve(search, study)
     print_plan(search, study, storage)
@@ -350,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: the running trial was stopped and recorded as failed; the study is kept in {storage}: "
               "run the same command to continue it", file=sys.stderr)
         return 130
-    return finish(search, study)
+    code = finish(search, study)
+    return train_final(search, train.main, budget, started) if args.train_final and not code else code
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def test_the_plan_takes_the_most_epochs_that_fit_and_never_more_than_the_cap():
     assert fitting_epochs(CAP, TIMES, 50.0) == 21  # 21 x 2.325 + 0.5 = 49.3 s; 22 epochs take 51.65 s
     assert fitting_epochs(CAP, TIMES, 1e6) == 100  # --epochs is the cap
     assert fitting_epochs(CAP, TIMES, 1.0) == 1  # nothing fits: one epoch
-    assert fitting_epochs(CAP, TIMES, 1.0, first_epoch=3) == 3  # a re-plan with nothing left ends where it is
+    assert fitting_epochs(CAP, TIMES, 1.0, first_epoch=3) == 4  # a re-plan with nothing left: one more epoch
     with_ema = with_epochs(Config(img_size=32, epochs=100, ema=True, ema_start_epoch=50), 10)
     # from epoch 5 the EMA weights are validated too: 1 + 2 x 1 + min(0.5, 0.1 x 3) + 0.125 = 3.425 s an epoch
     assert planned_seconds(with_ema, TIMES) == pytest.approx(5 * 2.325 + 5 * 3.425 + 0.5)
@@ -61,14 +61,15 @@ def test_a_budget_run_ends_inside_its_budget_with_its_schedule_finished_and_resu
     # 30 images, one step an epoch: a plan of many short epochs, whatever the other test worker's load
     budget, data = 30, copy_sample(tmp_path / "data", ["0", "1", "2"], train=10, val=4, test=2)
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--data-dir", data, "--output-dir", tmp_path,
-               "--run-name", "b", *LIGHT, "--epochs", 60, "--budget", f"{budget}s", "--keep-epochs", 60]
+               "--run-name", "b", *LIGHT, "--epochs", 60, "--budget", f"{budget}s", "--keep-epochs", 2]
     start = time.monotonic()
     proc = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"--budget {budget}s: measured " in proc.stdout and "(--epochs 60 is the cap)" in proc.stdout
-    # the whole process, its start-up included, inside the budget give or take the other test worker's load
-    assert 0.6 * budget <= wall <= 1.25 * budget, (wall, proc.stdout[-2000:])
+    # the whole process, its start-up included, inside the budget give or take the other test worker's load, which
+    # changes while the run goes on (alone on the machine it ends at 93-100%: README)
+    assert 0.5 * budget <= wall <= 1.5 * budget, (wall, proc.stdout[-2000:])
     run_dir = tmp_path / "b"
     history, last = pd.read_csv(run_dir / "history.csv"), torch.load(run_dir / "last.pt", weights_only=True)
     planned = last["config"]["epochs"]

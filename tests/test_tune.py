@@ -158,6 +158,7 @@ def write(path, text):
     (["--trials", "1", "--", "--lr", "0.1"], "--lr: the search space varies this setting"),
     (["--trials", "1", "--", "--pati", "3"], "--patience: not in a search"),  # abbreviated, as argparse takes it
     (["--trials", "1", "--", "--config", "{config}"], "--lr (from the --config file): the search space varies"),
+    (["--trials", "1", "--train-final", "--search-share", "1"], "--search-share 1 must lie in (0, 1)"),
 ])
 def test_one_line_errors(argv, expected, data, capsys, tmp_path):
     config = write(tmp_path / "base.json", '{"lr": 0.001, "epochs": 30}')  # a file's epochs: tune.py's win
@@ -367,3 +368,20 @@ def test_a_confirmation_run_another_process_holds_is_waited_for_then_run(data, t
     assert search_selection.confirmations(study, 0) == {43: 0.7}
     search_selection.confirm(search, study)  # done: nothing runs again
     assert len(trained) == 1
+
+
+def test_train_final_trains_the_winner_in_what_is_left_and_writes_the_prediction(data, tmp_path):
+    # one command from a folder to a hand-in: half the budget searches, the winner trains in the rest (here capped
+    # at 2 epochs by --final-epochs), then predicts the test folder
+    out = tmp_path / "studies"
+    proc = call_script("tune.py", *tune_args(data, out, "--budget", "10m", "--trials", 1, "--confirm-seeds", 0,
+                                             "--first-trials", "defaults", "--train-final", "--final-epochs", 2))
+    study_dir = out / "tune"
+    assert "final run: python train.py --config" in proc.stdout and "--budget " in proc.stdout
+    history = pd.read_csv(study_dir / "final" / "history.csv")
+    assert list(history["epoch"]) == [1, 2]  # --final-epochs is the cap of the planned run
+    prediction = pd.read_csv(study_dir / "prediction.csv")
+    assert len(prediction) == len(os.listdir(data / "test")) and list(prediction.columns) == ["image_name",
+                                                                                             "pred_label"]
+    report = (study_dir / "report.md").read_text()
+    assert "## Final run" in report and str(study_dir / "prediction.csv") in report and "TTA (flip)" in report
