@@ -10,6 +10,7 @@ import math
 import os
 import time
 
+from dataset import list_files
 from trials import POLL_SECONDS, Search, progress_line, run_training, standard_error, trial_command
 
 if TYPE_CHECKING:
@@ -150,6 +151,26 @@ def fewer_seeds_note(ranked: list[dict]) -> str:
     return (f"ranked after the configurations with {seeds_text(ranked[0])}: {names}; a value from fewer seeds is "
             "the best of the search's draws and inflated by that selection, so it is not compared with confirmed "
             "means (run the same command again to confirm them)")
+
+
+def val_images(data_dir: str, val_fraction: float) -> int:
+    """How many images the trials validate on: val/'s, or the --val-fraction share of train/'s."""
+    val_dir, train_dir = os.path.join(data_dir, "val"), os.path.join(data_dir, "train")
+    folder, share = (val_dir, 1.0) if os.path.isdir(val_dir) else (train_dir, val_fraction)
+    classes = [c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c))] if share else []
+    return round(share * sum(len(list_files(os.path.join(folder, c))[0]) for c in classes))
+
+
+def val_size_note(data_dir: str, val_fraction: float) -> str:
+    """Before a search: when the val set is too small to tell recipes two points apart, what it can tell apart."""
+    n = val_images(data_dir, val_fraction)
+    noise = 2 * math.sqrt(2 * 0.85 * 0.15 / n) if n else 0.0  # 2 SE of a difference of two accuracies near 85%
+    if noise <= 0.02:
+        return ""
+    return (f"note: the trials validate on {n} images: two recipes' val accuracies differ by up to {100 * noise:.1f} "
+            "points from the val set's noise alone (2 standard errors of a difference, near 85% accuracy), so the "
+            "search can only tell apart recipes further apart than that; validate on more images (a larger val/, or "
+            "-- --val-fraction on a train/ alone) for a finer choice")
 
 
 def noise_note(ranked: list[dict]) -> str:

@@ -28,7 +28,7 @@ from search_budget import (confirm_reserve, confirm_runs, earlier_trial_seconds,
                            search_time_left, trial_time_limit, update_trial_seconds)
 from search_final import train_final
 from search_report import write_report
-from search_selection import confirm, fewer_seeds_note, noise_note, ranking, started
+from search_selection import confirm, fewer_seeds_note, noise_note, ranking, started, val_size_note
 from search_space import PLAIN, PLAIN_NO_FLIP, check_focal_order, in_space, load_space, setting_flags, short, suggest
 from trials import Outcome, Search, progress_line, run_training, trial_command
 
@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                     earlier > 0)
     search.reserve = confirm_reserve(search, study)
     print_plan(search, study, storage)
+    if val_size_note(args.data_dir, cfg.val_fraction):  # a small val set: what the search can tell apart
+        print(val_size_note(args.data_dir, cfg.val_fraction))
     try:
         search_trials(search, study)
         confirm(search, study)

@@ -105,12 +105,12 @@ def test_plain_baseline_predicts_every_test_image(tmp_path):
 
 
 def test_search_evidence_runs_scores_and_resumes(tmp_path):
-    # 16 plain epochs: the wall time every recipe gets must hold train.py's start-up and its first validated epoch
+    # 24 plain epochs: the wall time every recipe gets must hold train.py's start-up and its first validated epoch
     # (the digits validate every 5th) while the other test worker loads the machine
-    args = ["--only", "digits", "--seeds", 1, "--epochs", 16, "--search", 1, "--trial-epochs", 1, "--confirm-seeds", 0,
+    args = ["--only", "digits", "--seeds", 1, "--epochs", 24, "--search", 1, "--trial-epochs", 1, "--confirm-seeds", 0,
             "--out", tmp_path]
     # a data folder that is there already is used as it is: a smaller digits set than the script's own
-    made = script("digits.py", "--size", 32, "--train-per-class", 10, "--test-size", 100, "--out",
+    made = script("digits.py", "--size", 32, "--train-per-class", 10, "--val-size", 50, "--test-size", 100, "--out",
                   tmp_path / "digits" / "data")
     assert made.returncode == 0, made.stderr
     r = script("search_evidence.py", *args)

@@ -378,6 +378,9 @@ def test_train_final_trains_the_winner_in_what_is_left_and_writes_the_prediction
                                              "--first-trials", "defaults", "--train-final", "--final-epochs", 2))
     study_dir = out / "tune"
     assert "final run: python train.py --config" in proc.stdout and "--budget " in proc.stdout
+    # 12 val images: the plan says how far apart two recipes must be for the search to tell them apart
+    assert "note: the trials validate on 12 images: two recipes' val accuracies differ by up to 29.2 points" \
+        in proc.stdout
     history = pd.read_csv(study_dir / "final" / "history.csv")
     assert list(history["epoch"]) == [1, 2]  # --final-epochs is the cap of the planned run
     prediction = pd.read_csv(study_dir / "prediction.csv")
