@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import time
 
+from search_cv import recipe_epochs
 from search_selection import finished, started, top_trials
 from trials import Outcome, Search, epoch_plan
 
@@ -53,7 +54,7 @@ def update_trial_seconds(search: Search, outcome: Outcome) -> None:
         search.trial_seconds = max(search.trial_seconds, outcome.seconds) if search.measured else outcome.seconds
         search.measured = True
     elif not search.measured and outcome.epochs:
-        scaled = outcome.seconds * search.args.epochs_per_trial / outcome.epochs
+        scaled = outcome.seconds * recipe_epochs(search.args) / outcome.epochs
         search.trial_seconds = max(search.trial_seconds, scaled)
 
 

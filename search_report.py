@@ -13,6 +13,8 @@ from search_space import short
 from trials import Search, standard_error
 
 if TYPE_CHECKING:
+    import argparse
+
     import optuna
 
 
@@ -86,13 +88,20 @@ def plot_top_curves(search: Search, ranked: list[dict], path: str) -> None:
         trials_dir = os.path.join(search.study_dir, "trials")  # this machine's runs, when machines share a study
         runs = sorted(name for name in (os.listdir(trials_dir) if os.path.isdir(trials_dir) else [])
                       if name.split("-")[0] == f"{entry['trial']:04d}" and not name.endswith(".log"))
-        for run in runs:
-            rows = validated(read_history(os.path.join(search.study_dir, "trials", run, "history.csv")))
+        for run in runs:  # a --cv recipe: its first fold, the one the pruner judged
+            rows = validated(read_history(os.path.join(trials_dir, run, "fold0" if search.args.cv else "",
+                                                       "history.csv")))
             ax.plot([int(r["epoch"]) for r in rows], [epoch_acc(r) for r in rows], "--" if "seed" in run else "-",
                     color=f"C{i}", marker=".", label=f"trial {entry['trial']}" if "seed" not in run else None)
-    ax.set(xlabel="epoch", ylabel="val accuracy (the better of raw and EMA)", title="the top configurations")
+    ax.set(xlabel="epoch", ylabel="val accuracy (the better of raw and EMA)", title="the top configurations"
+           + (" (first fold)" if search.args.cv else ""))
     ax.legend()
     save_figure(fig, path)
+
+
+def scored_by(args: argparse.Namespace) -> str:
+    return f"out-of-fold accuracy over train/ + val/ (--cv {args.cv}; the column's val acc)" if args.cv else \
+        "val accuracy"
 
 
 def write_report(search: Search, study: optuna.Study, ranked: list[dict], lines: list[str]) -> str:
@@ -116,8 +125,8 @@ def write_report(search: Search, study: optuna.Study, ranked: list[dict], lines:
             f"Data `{args.data_dir}`, space `{args.space}`, {args.epochs_per_trial} epochs per trial, shared train.py "
             f"flags `{' '.join(search.train_args) or '(none)'}`. Trials: "
             + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + ".", "",
-            "## Winner", "", "Ranked by the mean val accuracy over the search run and the confirmation seeds; ± SE is "
-            "the val set's standard error sqrt(p(1-p)/n).", "", markdown_table(ranking_table), *lines, "",
+            "## Winner", "", f"Ranked by the mean {scored_by(args)} over the search run and the confirmation seeds; "
+            "± SE is the standard error sqrt(p(1-p)/n) of the images scored.", "", markdown_table(ranking_table), *lines, "",
             "## Optimisation history", "", "![history](history.png)", "", "## Parameter importances", "",
             "![importances](importance.png)" if weights else "Too few complete trials (or too little variety "
             "among them) for importances.", "", "## Val curves of the top configurations", "",

@@ -11,7 +11,8 @@ import os
 import time
 
 from dataset import list_files
-from trials import POLL_SECONDS, Search, progress_line, run_training, standard_error, trial_command
+from search_cv import recipe_epochs, run_recipe
+from trials import POLL_SECONDS, Search, progress_line, standard_error
 
 if TYPE_CHECKING:
     import argparse
@@ -74,7 +75,6 @@ def confirm_one(search: Search, study, source, seed: int, wait: bool) -> bool:
     ends however it ends."""
     import optuna
     name = f"{source.number:04d}-seed{seed}"
-    run_dir = os.path.join(search.study_dir, "trials", name)
     with run_claim(os.path.join(search.study_dir, "locks", f"{name}.lock"), wait, search.deadline) as mine:
         if not mine:
             return False
@@ -82,8 +82,8 @@ def confirm_one(search: Search, study, source, seed: int, wait: bool) -> bool:
             return True  # done earlier, or by another process sharing the study
         left = None if search.deadline is None else search.deadline - time.monotonic()
         settings = source.user_attrs["settings"]
-        outcome = run_training(search, trial_command(search, settings, name, seed, left or 0), run_dir)
-        print(progress_line(f"confirm {source.number} seed {seed}", settings, outcome, search.args.epochs_per_trial),
+        outcome = run_recipe(search, settings, name, seed, left or 0)
+        print(progress_line(f"confirm {source.number} seed {seed}", settings, outcome, recipe_epochs(search.args)),
               flush=True)
         if outcome.state == "complete":  # a run the budget cut short is not comparable; a failed one says why
             study.add_trial(optuna.trial.create_trial(
@@ -153,24 +153,35 @@ def fewer_seeds_note(ranked: list[dict]) -> str:
             "means (run the same command again to confirm them)")
 
 
-def val_images(data_dir: str, val_fraction: float) -> int:
-    """How many images the trials validate on: val/'s, or the --val-fraction share of train/'s."""
+def folder_images(folder: str) -> int:
+    classes = [c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c))] if os.path.isdir(folder) \
+        else []
+    return sum(len(list_files(os.path.join(folder, c))[0]) for c in classes)
+
+
+def val_images(data_dir: str, val_fraction: float, cv: int = 0) -> int:
+    """How many images the recipes are scored on: val/'s, or the --val-fraction share of train/'s; with --cv, every
+    image of train/ and val/ (each held out once)."""
     val_dir, train_dir = os.path.join(data_dir, "val"), os.path.join(data_dir, "train")
-    folder, share = (val_dir, 1.0) if os.path.isdir(val_dir) else (train_dir, val_fraction)
-    classes = [c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c))] if share else []
-    return round(share * sum(len(list_files(os.path.join(folder, c))[0]) for c in classes))
+    if cv:
+        return folder_images(train_dir) + folder_images(val_dir)
+    return folder_images(val_dir) if os.path.isdir(val_dir) else round(val_fraction * folder_images(train_dir))
 
 
-def val_size_note(data_dir: str, val_fraction: float) -> str:
-    """Before a search: when the val set is too small to tell recipes two points apart, what it can tell apart."""
-    n = val_images(data_dir, val_fraction)
+def val_size_note(data_dir: str, val_fraction: float, cv: int = 0) -> str:
+    """Before a search: when the images a recipe is scored on are too few to tell recipes two points apart, what
+    they can tell apart, and what would tell more."""
+    n = val_images(data_dir, val_fraction, cv)
     noise = 2 * math.sqrt(2 * 0.85 * 0.15 / n) if n else 0.0  # 2 SE of a difference of two accuracies near 85%
     if noise <= 0.02:
         return ""
-    return (f"note: the trials validate on {n} images: two recipes' val accuracies differ by up to {100 * noise:.1f} "
-            "points from the val set's noise alone (2 standard errors of a difference, near 85% accuracy), so the "
-            "search can only tell apart recipes further apart than that; validate on more images (a larger val/, or "
-            "-- --val-fraction on a train/ alone) for a finer choice")
+    scored = f"out-of-fold accuracy over {n} images (--cv {cv})" if cv else f"val accuracy on {n} images"
+    more = "a larger val/ or train/ for a finer choice" if cv else \
+        "--cv 5 scores each recipe on all of train/ + val/ (5 times the time per trial); a larger val/, or -- " \
+        "--val-fraction on a train/ alone, for a finer choice"
+    return (f"note: the recipes are scored by {scored}: two recipes' scores differ by up to {100 * noise:.1f} "
+            "points from the noise of that set alone (2 standard errors of a difference, near 85% accuracy), so the "
+            f"search can only tell apart recipes further apart than that; {more}")
 
 
 def noise_note(ranked: list[dict]) -> str:

@@ -54,6 +54,23 @@ SPACES = {
 }
 
 
+# a from-scratch run (--weights none) learns at about ten times a fine-tune's rate: there the seed space draws its
+# learning rates from this range instead (a short search of 2e-5..2e-4 on a from-scratch run lost every drawn trial
+# to the plain recipe's 1e-3)
+SCRATCH_LR = {"log": [3e-4, 3e-3]}
+
+
+def space_for_run(name: str, space: dict, cfg: Config) -> tuple[dict, str]:
+    """(the space, a line saying what changed or ""): the built-in seed space follows the run, its learning rates
+    those of a from-scratch run when the shared settings train from scratch (--weights none)."""
+    if name != "seed" or cfg.weights != "none":
+        return space, ""
+    low, high = SCRATCH_LR["log"]
+    return {**space, "lr": SCRATCH_LR}, (f"space seed from scratch (--weights none): lr drawn from {low:g} to "
+                                         f"{high:g}, not the fine-tuning range {space['lr']['log'][0]:g} to "
+                                         f"{space['lr']['log'][1]:g}")
+
+
 # the known recipes a new study tries first (--first-trials), so that the winner is at least as good as them on val;
 # a setting outside the space's range is drawn instead
 PLAIN = {"lr": 1e-3, "weight_decay": 0.05, "augment": "light", "rrc_scale_low": 0.6, "label_smoothing": 0.0,

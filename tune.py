@@ -26,11 +26,13 @@ from config import Config, time_limit_seconds
 from errors import UserError, check_folder_path, run_cli
 from search_budget import (confirm_reserve, confirm_runs, earlier_trial_seconds, plan_estimate, print_plan,
                            search_time_left, trial_time_limit, update_trial_seconds)
+from search_cv import FOLD_FLAGS, recipe_epochs, run_recipe
 from search_final import train_final
 from search_report import write_report
 from search_selection import confirm, fewer_seeds_note, noise_note, ranking, started, val_size_note
-from search_space import PLAIN, PLAIN_NO_FLIP, check_focal_order, in_space, load_space, setting_flags, short, suggest
-from trials import Outcome, Search, progress_line, run_training, trial_command
+from search_space import (PLAIN, PLAIN_NO_FLIP, check_focal_order, in_space, load_space, setting_flags, short,
+                          space_for_run, suggest)
+from trials import Outcome, Search, progress_line
 
 # ---------------------------------------------------------------- the search spaces
 RESERVED_FIELDS = {"epochs", "seed", "run_name", "output_dir", "time_limit", "all_folds", "data_dir"}  # and
@@ -41,6 +43,13 @@ UNFAIR_FLAGS = {"patience": "it ends trials at different epochs, which the prune
                               "give it to the final run (train.py --config best_config.json --patience N)"}
 # what opening a new study reports when another process is creating the same tables or study at that moment
 RACES = ("IntegrityError", "already exists", "database is locked")
+
+
+def add_cv_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cv", type=int, default=0, help="score each recipe by its out-of-fold accuracy over train/ + "
+                   "val/ in K folds (K train.py runs of --epochs-per-trial each, one split for the whole study) "
+                   "instead of its val accuracy: for a val set too small to tell recipes apart; 0 = off "
+                   "(default: %(default)s)")
 
 
 def parse_args(argv=None):
@@ -62,10 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--trials", type=int, default=0, help="search trials this command adds to the study (0: as many "
                    "as --budget holds; with --budget too, whichever ends first)")
     p.add_argument("--epochs-per-trial", type=int, default=5, help="epochs of every trial (default: %(default)s)")
+    add_cv_arg(p)
     p.add_argument("--final-epochs", type=int, default=Config().epochs, help="epochs of the final run that "
                    "best_config.json describes (default: %(default)s, train.py's)")
-    p.add_argument("--space", default="seed", help="seed (around train.py's defaults), wide, or a YAML/JSON file "
-                   "in the same format (see README, Recipe search) (default: %(default)s)")
+    p.add_argument("--space", default="seed", help="seed (around train.py's defaults; from scratch, -- --weights "
+                   "none, its learning rates are drawn from 3e-4 to 3e-3), wide, or a YAML/JSON file in the same "
+                   "format (see README, Recipe search) (default: %(default)s)")
     p.add_argument("--name", default="tune", help="study name and its folder under --output-dir "
                    "(default: %(default)s)")
     p.add_argument("--output-dir", default="checkpoints", help="where the study folder goes (default: %(default)s)")
@@ -103,7 +114,7 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- the study
 
-def check_train_args(train_args, space):
+def check_train_args(train_args, space, cv=0):
     """A reserved flag, or a flag the space also sets, would be silently overridden: refuse it instead. The flags
     are read by train.py's own parser, so an abbreviation (--pati) or a --config file's setting is caught too."""
     typed = train.given_settings(train_args)
@@ -118,6 +129,9 @@ def check_train_args(train_args, space):
         if name in RESERVED_FIELDS and (name in typed or name in ("time_limit", "all_folds") and
                                         filed[name] != defaults[name]):
             raise UserError(f"{flag}{where}: tune.py sets this for every trial (see python tune.py --help)")
+        if cv and name in FOLD_FLAGS:
+            raise UserError(f"{flag}{where}: --cv {cv} chooses the validation images (its folds of train/ + val/); "
+                            "drop it, or search without --cv")
         if name in UNFAIR_FLAGS:
             raise UserError(f"{flag}{where}: not in a search: {UNFAIR_FLAGS[name]}")
         if name in searched:
@@ -169,16 +183,18 @@ def check_setup(study, args, cfg: Config, space) -> None:
     defaults = dataclasses.asdict(Config())
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "data_dir" and v != defaults[k]}
     setup = json.loads(json.dumps({"--epochs-per-trial": args.epochs_per_trial, "--final-epochs": args.final_epochs,
-                                   "shared train.py settings": shared, "space": space}))
+                                   "shared train.py settings": shared, "space": space,
+                                   **({"--cv": args.cv} if args.cv else {})}))
     if study.user_attrs.get("setup") is None:
         if started(study):
             print(f"warning: study {args.name} was started before tune.py recorded its settings: from now on it "
                   "takes this command's")
         study.set_user_attr("setup", setup)
     saved = study.user_attrs.get("setup")  # read back: another process may have recorded its own first
-    for key, value in setup.items():
-        if saved.get(key) != value:
-            raise UserError(f"study {args.name} was started with {setup_difference(key, saved.get(key), value)}: its "
+    for key in dict.fromkeys([*setup, *saved]):  # a key of one only: --cv, given to one of them
+        if saved.get(key) != setup.get(key):
+            raise UserError(f"study {args.name} was started with "
+                            f"{setup_difference(key, saved.get(key), setup.get(key))}: its "
                             "trials would not compare with the earlier ones; repeat the study's settings, or start a "
                             "new study with another --name")
 
@@ -202,10 +218,9 @@ def run_trial(search: Search, study, trial) -> Outcome:
     settings = suggest(trial, search.space)
     trial.set_user_attr("role", "search")
     trial.set_user_attr("settings", settings)
-    command = trial_command(search, settings, f"{trial.number:04d}", search.args.seed, trial_time_limit(search))
     try:
-        outcome = run_training(search, command, os.path.join(search.study_dir, "trials", f"{trial.number:04d}"),
-                               trial)
+        outcome = run_recipe(search, settings, f"{trial.number:04d}", search.args.seed, trial_time_limit(search),
+                             trial)
     except KeyboardInterrupt:
         trial.set_user_attr("error", "interrupted (Ctrl-C)")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -219,7 +234,7 @@ def run_trial(search: Search, study, trial) -> Outcome:
         study.tell(trial, state=optuna.trial.TrialState.FAIL if outcome.state == "failed"
                    else optuna.trial.TrialState.PRUNED)
     search.reserve = confirm_reserve(search, study)
-    print(progress_line(f"trial {trial.number}", settings, outcome, search.args.epochs_per_trial), flush=True)
+    print(progress_line(f"trial {trial.number}", settings, outcome, recipe_epochs(search.args)), flush=True)
     return outcome
 
 
@@ -325,6 +340,8 @@ def check_args(args) -> float | None:
     if "none" in args.first_trials and len(args.first_trials) > 1:
         raise UserError("--first-trials none: give it alone (no known recipe first), or any of defaults, plain, "
                         "plain-no-flip")
+    if args.cv < 0 or args.cv == 1:
+        raise UserError(f"--cv {args.cv}: give K >= 2 folds (0 = score on val/)")
     if not 0 < args.search_share < 1:
         raise UserError(f"--search-share {args.search_share:g} must lie in (0, 1): the search's share of --budget")
     if args.prune_warmup is None:
@@ -340,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     args, train_args = parse_args(argv)
     budget = check_args(args)
     space = load_space(args.space)
-    check_train_args(train_args, space)
+    check_train_args(train_args, space, args.cv)
     cfg = fixed_config(args, train_args, space)
+    space, followed = space_for_run(args.space, space, cfg)
     study_dir = os.path.join(args.output_dir, args.name)
     check_folder_path(study_dir, "study folder")
     os.makedirs(study_dir, exist_ok=True)
@@ -353,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                     earlier > 0)
     search.reserve = confirm_reserve(search, study)
     print_plan(search, study, storage)
-    if val_size_note(args.data_dir, cfg.val_fraction):  # a small val set: what the search can tell apart
-        print(val_size_note(args.data_dir, cfg.val_fraction))
+    for line in (followed, val_size_note(args.data_dir, cfg.val_fraction, args.cv)):  # what the search can tell apart
+        if line:
+            print(line)
     try:
         search_trials(search, study)
         confirm(search, study)

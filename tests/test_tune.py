@@ -1,10 +1,13 @@
 """tune.py: a real Optuna study of tiny train.py runs on a few sample images (SQLite storage), resumed, shared by
 two processes at once, pruned, its winner trained by train.py; and its one-line errors."""
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import optuna
@@ -12,11 +15,13 @@ import pandas as pd
 import pytest
 
 import search_budget
+import search_cv
 import search_selection
 import search_space
 import train
 import trials
 import tune
+from history import epoch_acc, read_history
 from conftest import ROOT, call_script, copy_sample, one_line_error, run_main, wait_for
 
 FIXED = ["--", "--arch", "test_resnet", "--weights", "none", "--img-size", "32", "--batch-size", "32", "--workers", "0"]
@@ -31,9 +36,35 @@ def tune_args(data, out, *more):
     return ["--data-dir", data, "--output-dir", out, "--epochs-per-trial", 1, *more, *FIXED]
 
 
-def search_trials(study_dir, name="tune"):
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'study.db'}")
+def search_trials(study_dir, name="tune", storage=""):
+    study = optuna.load_study(study_name=name, storage=storage or f"sqlite:///{study_dir / 'study.db'}")
     return [t for t in study.get_trials() if t.user_attrs.get("role") == "search"]
+
+
+def postgres_program(name):
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    assert found, f"{name} not found: the PostgreSQL test needs Debian's postgresql (apt-get install postgresql)"
+    return found
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server listening on a Unix socket in a folder of its own (no port to collide), run as
+    the postgres user when the tests run as root (the server refuses to run as root); stopped and deleted after."""
+    home = tempfile.mkdtemp(prefix="tune-pg-")
+    owner = []
+    if os.geteuid() == 0:
+        shutil.chown(home, "postgres", "postgres")
+        owner = ["runuser", "-u", "postgres", "--"]
+    data = os.path.join(home, "data")
+    subprocess.run([*owner, postgres_program("initdb"), "-D", data, "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    pg_ctl = [*owner, postgres_program("pg_ctl"), "-D", data]
+    subprocess.run([*pg_ctl, "-l", os.path.join(home, "server.log"), "-w", "-o",
+                    f"-c listen_addresses='' -k {home}", "start"], check=True, capture_output=True)
+    yield f"postgresql://postgres@/postgres?host={home}"
+    subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_study_resumes_and_its_winner_trains(data, tmp_path):
@@ -56,9 +87,14 @@ def test_study_resumes_and_its_winner_trains(data, tmp_path):
     # the val set's size, for the SE: from history.csv's val_images, not from a console line
     assert all(t.user_attrs["n_val"] == 12 for t in search_trials(study_dir))
     assert set(pd.read_csv(study_dir / "trials" / "0000" / "history.csv")["val_images"]) == {12}
-    # a new study tries train.py's defaults first, then the plain recipe (its LR 1e-3 lies outside the seed space)
+    # a new study tries train.py's defaults first, then the plain recipe; from scratch (--weights none) the seed
+    # space draws from-scratch learning rates, so the plain recipe's 1e-3 lies inside it and train.py's 5e-5 does not
     trial0, trial1 = search_trials(study_dir)
-    assert trial0.params == dict(lr=5e-5, weight_decay=0.01, augment="seed", rrc_scale_low=0.08, label_smoothing=0.05,
+    assert "space seed from scratch (--weights none): lr drawn from 0.0003 to 0.003, not the fine-tuning range" \
+        in proc.stdout
+    low, high = search_space.SCRATCH_LR["log"]
+    assert low <= trial0.params.pop("lr") <= high and trial1.params["lr"] == 1e-3
+    assert trial0.params == dict(weight_decay=0.01, augment="seed", rrc_scale_low=0.08, label_smoothing=0.05,
                                  loss="schedule", head="mlp", ema=True, mixup=0.0, cutmix=0.0)
     assert {k: trial1.params[k] for k in ("augment", "head", "loss", "ema")} == dict(augment="light", head="linear",
                                                                                      loss="ce", ema=False)
@@ -77,16 +113,23 @@ def test_study_resumes_and_its_winner_trains(data, tmp_path):
     assert {k: saved[k] for k in best if k != "epochs"} == {k: v for k, v in best.items() if k != "epochs"}
 
 
-def test_two_processes_share_one_study(data, tmp_path):
-    command = [sys.executable, os.path.join(ROOT, "tune.py"),
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"])
+def test_two_processes_share_one_study(server, data, tmp_path, request):
+    """Two processes join one study at the same moment: SQLite in the study folder, and the many-machine setup the
+    README documents, a PostgreSQL server (--storage postgresql://...)."""
+    storage = request.getfixturevalue("postgres_url") if server == "postgresql" else ""
+    command = [sys.executable, os.path.join(ROOT, "tune.py"), *(["--storage", storage] if storage else []),
                *map(str, tune_args(data, tmp_path, "--trials", 1, "--confirm-seeds", 0))]
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    numbers = [t.number for t in search_trials(tmp_path / "tune")]
-    assert sorted(numbers) == [0, 1]
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in search_trials(tmp_path / "tune"))
+    found = search_trials(tmp_path / "tune", storage=storage)
+    assert sorted(t.number for t in found) == [0, 1]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in found)
+    # the known first recipes were queued once and each process ran one of them
+    assert found[0].params != found[1].params
+    assert (not storage) == (tmp_path / "tune" / "study.db").is_file()
 
 
 def test_a_pruned_trial_is_stopped_by_sigterm(data, tmp_path):
@@ -188,7 +231,7 @@ def test_space_file_errors(text, expected, data, capsys, tmp_path):
 def test_the_plan_counts_a_full_trial_from_complete_ones():
     """A pruned trial's seconds, scaled up per epoch, stand in only until a trial completes: its start-up counted
     once per epoch would reserve several times the confirmation's real length and end the search early."""
-    search = trials.Search(args=type("Args", (), {"epochs_per_trial": 10})(), train_args=[], space={}, cfg=None,
+    search = trials.Search(args=type("Args", (), {"epochs_per_trial": 10, "cv": 0})(), train_args=[], space={}, cfg=None,
                          study_dir="", deadline=None)
     search_budget.update_trial_seconds(search, trials.Outcome("pruned", 0.1, 1, 12.0, 300))
     assert search.trial_seconds == 120 and not search.measured  # nothing better known yet
@@ -359,7 +402,7 @@ def test_a_confirmation_run_another_process_holds_is_waited_for_then_run(data, t
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     trained = []
-    monkeypatch.setattr(search_selection, "run_training", lambda search, command, run_dir, trial=None: trained.append(run_dir)
+    monkeypatch.setattr(search_cv, "run_training", lambda search, command, run_dir, trial=None: trained.append(run_dir)
                         or trials.Outcome("complete", 0.7, 1, 1.0, 12))
     search_selection.confirm(search, study)
     out = capsys.readouterr().out
@@ -379,8 +422,8 @@ def test_train_final_trains_the_winner_in_what_is_left_and_writes_the_prediction
     study_dir = out / "tune"
     assert "final run: python train.py --config" in proc.stdout and "--budget " in proc.stdout
     # 12 val images: the plan says how far apart two recipes must be for the search to tell them apart
-    assert "note: the trials validate on 12 images: two recipes' val accuracies differ by up to 29.2 points" \
-        in proc.stdout
+    assert "note: the recipes are scored by val accuracy on 12 images: two recipes' scores differ by up to 29.2 " \
+           "points" in proc.stdout and "--cv 5 scores each recipe on all of train/ + val/" in proc.stdout
     history = pd.read_csv(study_dir / "final" / "history.csv")
     assert list(history["epoch"]) == [1, 2]  # --final-epochs is the cap of the planned run
     prediction = pd.read_csv(study_dir / "prediction.csv")
@@ -388,3 +431,28 @@ def test_train_final_trains_the_winner_in_what_is_left_and_writes_the_prediction
                                                                                              "pred_label"]
     report = (study_dir / "report.md").read_text()
     assert "## Final run" in report and str(study_dir / "prediction.csv") in report and "TTA (flip)" in report
+
+
+def test_cv_scores_each_recipe_by_out_of_fold_accuracy_on_one_split(data, tmp_path, capsys):
+    """--cv 2: each recipe is two fold runs over train/ + val/ (30 images), the search trial and its confirmation
+    seed on the study's one split; the value is the folds' best val accuracies weighted by their images."""
+    out = tmp_path / "studies"
+    proc = call_script("tune.py", *tune_args(data, out, "--cv", 2, "--trials", 1, "--first-trials", "plain",
+                                             "--confirm-top", 1, "--confirm-seeds", 1))
+    study_dir = out / "tune"
+    assert "note: the recipes are scored by out-of-fold accuracy over 30 images (--cv 2)" in proc.stdout
+    assert "| 2/2 epochs | complete |" in proc.stdout  # one epoch in each of the two folds
+    split = pd.read_csv(study_dir / "folds.csv")
+    assert len(split) == 30 and sorted(split["fold"].value_counts()) == [15, 15]
+    for run in ("0000", "0000-seed43"):  # another seed, the same held-out images
+        assert pd.read_csv(study_dir / "trials" / run / "fold1" / "folds.csv").equals(split)
+    (trial,) = search_trials(study_dir)
+    folds = [read_history(study_dir / "trials" / "0000" / f"fold{i}" / "history.csv")[-1] for i in (0, 1)]
+    assert [int(float(row["val_images"])) for row in folds] == [15, 15] and trial.user_attrs["n_val"] == 30
+    assert trial.value == pytest.approx(sum(epoch_acc(row) for row in folds) / 2)
+    for argv, expected in [(["--cv", "1"], "--cv 1: give K >= 2 folds"),
+                           (["--cv", "2", "--", "--folds", "3"], "--folds: --cv 2 chooses the validation images")]:
+        code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", "1", "--output-dir", tmp_path, *argv],
+                                capsys)
+        assert expected in one_line_error(code, err), err
+
