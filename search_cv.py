@@ -18,6 +18,8 @@ import os
 import shutil
 import time
 
+from dataset import list_files
+from errors import UserError
 from folds import FOLD_SPLIT
 from trials import Outcome, Search, run_training, trial_command
 
@@ -51,6 +53,31 @@ def run_recipe(search: Search, settings: dict, name: str, seed: int, time_limit:
             return Outcome(outcome.state, outcome.value, sum(r.epochs for r in runs), time.monotonic() - start,
                            outcome.n_val, outcome.error)
     return out_of_fold(runs, time.monotonic() - start)
+
+
+def class_images(folder: str) -> dict[str, int]:
+    """{class: images} of an image folder's class folders; {} when there is no such folder."""
+    if not os.path.isdir(folder):
+        return {}
+    return {c: len(list_files(os.path.join(folder, c))[0]) for c in sorted(os.listdir(folder))
+            if os.path.isdir(os.path.join(folder, c))}
+
+
+def pooled_images(data_dir: str) -> dict[str, int]:
+    """{class: images} of train/ and val/ together: what --cv splits into folds."""
+    pooled = class_images(os.path.join(data_dir, "train"))
+    for name, count in class_images(os.path.join(data_dir, "val")).items():
+        pooled[name] = pooled.get(name, 0) + count
+    return pooled
+
+
+def check_cv(data_dir: str, cv: int) -> None:
+    """Before any trial: every class needs an image in each of the K folds (else each fold run would fail)."""
+    small = {name: n for name, n in pooled_images(data_dir).items() if n < cv}
+    if cv and small:
+        shown = ", ".join(f"{name} ({n})" for name, n in list(small.items())[:5])
+        raise UserError(f"--cv {cv}: {len(small)} class(es) have fewer images than folds in train/ + val/: {shown}"
+                        f"{', ...' if len(small) > 5 else ''}; give fewer folds")
 
 
 def study_split(search: Search) -> str:

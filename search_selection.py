@@ -10,8 +10,7 @@ import math
 import os
 import time
 
-from dataset import list_files
-from search_cv import recipe_epochs, run_recipe
+from search_cv import class_images, pooled_images, recipe_epochs, run_recipe
 from trials import POLL_SECONDS, Search, progress_line, standard_error
 
 if TYPE_CHECKING:
@@ -153,19 +152,14 @@ def fewer_seeds_note(ranked: list[dict]) -> str:
             "means (run the same command again to confirm them)")
 
 
-def folder_images(folder: str) -> int:
-    classes = [c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c))] if os.path.isdir(folder) \
-        else []
-    return sum(len(list_files(os.path.join(folder, c))[0]) for c in classes)
-
-
 def val_images(data_dir: str, val_fraction: float, cv: int = 0) -> int:
     """How many images the recipes are scored on: val/'s, or the --val-fraction share of train/'s; with --cv, every
     image of train/ and val/ (each held out once)."""
     val_dir, train_dir = os.path.join(data_dir, "val"), os.path.join(data_dir, "train")
     if cv:
-        return folder_images(train_dir) + folder_images(val_dir)
-    return folder_images(val_dir) if os.path.isdir(val_dir) else round(val_fraction * folder_images(train_dir))
+        return sum(pooled_images(data_dir).values())
+    return sum(class_images(val_dir).values()) if os.path.isdir(val_dir) else \
+        round(val_fraction * sum(class_images(train_dir).values()))
 
 
 def val_size_note(data_dir: str, val_fraction: float, cv: int = 0) -> str:

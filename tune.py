@@ -26,7 +26,7 @@ from config import Config, time_limit_seconds
 from errors import UserError, check_folder_path, run_cli
 from search_budget import (confirm_reserve, confirm_runs, earlier_trial_seconds, plan_estimate, print_plan,
                            search_time_left, trial_time_limit, update_trial_seconds)
-from search_cv import FOLD_FLAGS, recipe_epochs, run_recipe
+from search_cv import FOLD_FLAGS, check_cv, recipe_epochs, run_recipe
 from search_final import train_final
 from search_report import write_report
 from search_selection import confirm, fewer_seeds_note, noise_note, ranking, started, val_size_note
@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = check_args(args)
     space = load_space(args.space)
     check_train_args(train_args, space, args.cv)
+    check_cv(args.data_dir, args.cv)
     cfg = fixed_config(args, train_args, space)
     space, followed = space_for_run(args.space, space, cfg)
     study_dir = os.path.join(args.output_dir, args.name)

@@ -451,7 +451,9 @@ def test_cv_scores_each_recipe_by_out_of_fold_accuracy_on_one_split(data, tmp_pa
     assert [int(float(row["val_images"])) for row in folds] == [15, 15] and trial.user_attrs["n_val"] == 30
     assert trial.value == pytest.approx(sum(epoch_acc(row) for row in folds) / 2)
     for argv, expected in [(["--cv", "1"], "--cv 1: give K >= 2 folds"),
-                           (["--cv", "2", "--", "--folds", "3"], "--folds: --cv 2 chooses the validation images")]:
+                           (["--cv", "2", "--", "--folds", "3"], "--folds: --cv 2 chooses the validation images"),
+                           (["--cv", "11"], "--cv 11: 3 class(es) have fewer images than folds in train/ + val/: "
+                                            "0 (10), 1 (10), 2 (10); give fewer folds")]:
         code, _, err = run_main(tune.main, ["--data-dir", data, "--trials", "1", "--output-dir", tmp_path, *argv],
                                 capsys)
         assert expected in one_line_error(code, err), err
