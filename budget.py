@@ -1,17 +1,21 @@
 """--budget: a schedule fitted to a wall-time budget. Before the first epoch the run times a few optimiser steps at
-each side it may train at (--progressive), one validation pass and one save, on its own data and model, then puts
-everything back; it trains the most epochs (--epochs being the cap) whose whole schedule, validations and saves
-included, ends inside TARGET of the budget, counted from the start of the process. The epoch-counted settings are
-shares of --epochs, scaled to the planned count (config.with_epochs).
+each side it may train at (--progressive; the median step, after warm-up steps), one validation pass and one save,
+on its own data and model, then puts everything back; it trains the most epochs (--epochs being the cap) whose whole
+schedule, validations and saves included, ends inside TARGET of the budget, counted from the start of the process.
+The epoch-counted settings are shares of --epochs, scaled to the planned count (config.with_epochs).
 
-After the second epoch the plan is checked once against the wall time that epoch really took (its saves, plots and
-everything else a run does between epochs included; the second, because the first also pays one-off costs: the
-loader's and the plots' first use, the first best.pt), and laid out again from what is left of the budget when it
-was off by more than REPLAN_OFF. A resumed run keeps its plan (and whatever the re-plan made of it) and never times again,
-whatever --budget it is given: resumed from the third epoch on, after the re-plan's check, it goes on bit for bit as
-the uninterrupted run; resumed before, it keeps its first plan. A run whose second epoch is frozen (--freeze-epochs)
-is not re-planned (that epoch times no full step). Under torchrun every process takes part
-in the timing (the steps are collective) and the first process's times and decisions hold for all.
+From the third epoch to the middle of the schedule, each epoch starts with a check of the plan against the wall
+time the epochs since the first really took (their saves, plots and everything else a run does between epochs
+included; not the first, which also pays one-off costs: the loader's and the plots' first use, the first best.pt):
+the probe's times scaled by the median ratio of taken to planned over the last RECENT epochs, so that one slow
+epoch does not move the plan and a lasting change of speed (another job on the machine) does.
+When the planned end at those times falls outside LOW-100% of the budget and another number of epochs fits, the
+schedule is laid out again from where the run is. The checks stop at the middle, so that the learning rate of a
+run's second half follows one schedule. A resumed run keeps its plan (and whatever the checks made of it) and never
+times or checks again, whatever --budget it is given: resumed after its last check, it goes on bit for bit as the
+uninterrupted run. A frozen epoch (--freeze-epochs) times no full step and is not counted. Under torchrun every
+process takes part in the timing (the steps are collective) and the first process's times and decisions hold for
+all.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import dataclasses
 import gc
 import math
 import os
+import statistics
 import time
 from typing import Any
 
@@ -41,8 +46,10 @@ from run_folder import write_config
 from utils import rng_state, set_rng_state
 
 TARGET = 0.95  # the share of the budget a plan fills: the run ends at 90-100% of it with its schedule finished
-REPLAN_OFF = 0.10  # the second epoch's error, against the plan, that lays the plan out again
-PROBE_STEPS = 3  # timed optimiser steps per side, after one untimed warm-up step
+LOW = 0.90  # a planned end below this share of the budget (or past the budget) lays the plan out again
+PROBE_STEPS = 3  # timed optimiser steps per side, their median taken, after WARMUP_STEPS untimed ones
+RECENT = 5  # the last epochs whose median ratio of taken to planned time a check scales the plan by
+WARMUP_STEPS = 2  # the first steps at a side run slower (allocator, oneDNN's and cuDNN's kernel choice, compilation)
 BEST_SHARE = 0.25  # best.pt's write per epoch, as a share of last.pt's: half its size, every other epoch
 
 
@@ -135,8 +142,8 @@ def timed(work, device: torch.device) -> float:
 
 
 def measure(cfg: Config, model: torch.nn.Module, device: torch.device, loaders, train_set, run_dir: str) -> Times:
-    """The times of a throwaway run of a copy of the model: PROBE_STEPS steps at each side, one validation pass,
-    one save. The random generators are put back, so the real run draws what it would have drawn."""
+    """The times of a throwaway run of a copy of the model: the median of PROBE_STEPS steps at each side, one
+    validation pass, one save. The random generators are put back, so the real run draws what it would have drawn."""
     rng = rng_state()
     probe = build_run(dataclasses.replace(cfg, tensorboard=False), copy.deepcopy(model), device, train_set, 1,
                       run_dir)
@@ -148,8 +155,9 @@ def measure(cfg: Config, model: torch.nn.Module, device: torch.device, loaders, 
         count_step(probe, Progress(), *train_step(probe, next(groups), 0, augment))
     for side in sides(cfg):
         probe.cfg = dataclasses.replace(cfg, img_size=side, progressive_full=1.0)  # every epoch at this side
-        one_step()  # warm-up: allocator, cuDNN autotuning, compilation at this side
-        step[side] = timed(lambda: [one_step() for _ in range(PROBE_STEPS)], device) / PROBE_STEPS
+        for _ in range(WARMUP_STEPS):
+            one_step()
+        step[side] = statistics.median(timed(one_step, device) for _ in range(PROBE_STEPS))
     probe.cfg = cfg
     val = timed(lambda: evaluate(probe.model, loaders.val, probe, desc="timing val"), device)
     path = os.path.join(run_dir, f".tmp-budget-{os.getpid()}.pt")
@@ -175,7 +183,7 @@ def planned_config(opened: Any, progress: Progress, model: torch.nn.Module, devi
     progress.budget, and so into last.pt); else the opened run's own (a resumed run keeps its plan)."""
     cfg = opened.cfg
     if opened.ckpt and progress.budget:
-        progress.budget["replanned"] = True  # a resumed run keeps its plan
+        progress.budget["final"] = True  # a resumed run keeps its plan
     if not cfg.budget or opened.ckpt:
         return cfg
     budget = time_limit_seconds(cfg.budget, "--budget")
@@ -188,39 +196,59 @@ def planned_config(opened: Any, progress: Progress, model: torch.nn.Module, devi
     if planned_seconds(with_epochs(cfg, 1), times) > budget - spent:
         print(f"warning: --budget {cfg.budget} holds less than one epoch of this run: it trains one")
     progress.budget = {"seconds": budget, "cap": dataclasses.asdict(cfg), "times": dataclasses.asdict(times),
-                       "spent": spent, "replanned": False}
+                       "spent": spent, "final": False, "ratios": []}
     return planned
 
 
 def replan(run: Run, progress: Progress, spent: float) -> None:
-    """Called at the start of every epoch (spent: the seconds the run has spent so far). Once, in the process that
-    planned the run, at the start of the third epoch: when the second epoch's wall time was more than REPLAN_OFF off
-    the plan, the epochs that fit in what is left of the budget, at the times scaled by that error; the schedule is
-    laid out again from where the run is."""
+    """Called at the start of every epoch (spent: the seconds the run has spent so far). In a --budget run, from the
+    third epoch to the middle of the schedule: when the plan, at the times the epochs since the first really took,
+    ends outside LOW-100% of the budget, the schedule is laid out again from where the run is, with the epochs that
+    fit in what is left."""
     plan = progress.budget
-    if not plan or plan["replanned"] or progress.done or progress.epoch not in (1, 2) or \
-            progress.epoch >= run.cfg.epochs:
+    if not plan or plan.get("final", True) or progress.done:
         return
     spent = distributed.from_main(spent)
-    if progress.epoch == 1:
-        plan["second_epoch_from"] = spent
-        return
-    plan["replanned"] = True
-    cap, times = Config(**plan["cap"]), Times(**plan["times"])
-    times.step = {int(side): seconds for side, seconds in times.step.items()}
-    took = spent - plan["second_epoch_from"]
-    expected = epoch_seconds(run.cfg, times, 1, epoch_sizes(run.cfg)[1])
-    if abs(took / expected - 1) <= REPLAN_OFF or backbone_frozen(run.cfg, 1):  # a frozen epoch has no full step
-        return
-    scale = took / expected
-    times = dataclasses.replace(times, step={s: t * scale for s, t in times.step.items()}, val=times.val * scale,
-                                save=times.save * scale)
-    epochs = distributed.from_main(fitting_epochs(cap, times, TARGET * plan["seconds"] - spent, first_epoch=2))
+    epochs = distributed.from_main(checked_epochs(plan, run.cfg, progress.epoch, spent, run.writes.cost))
     if epochs != run.cfg.epochs:
-        print(f"--budget {cap.budget}: epoch 2 took {took:.1f} s, planned {expected:.1f} s: {epochs} epoch(s) fit "
-              f"now, not {run.cfg.epochs}")
+        cap = Config(**plan["cap"])
+        print(f"--budget {cap.budget}: the epochs since the first took {plan['scale']:.2f}x the planned time "
+              f"(median): {epochs} epoch(s) fit now, not {run.cfg.epochs}")
         reschedule(run, begun_phases_kept(with_epochs(cap, epochs), run.cfg, progress.epoch),
-                   times.steps_per_epoch)
+                   plan["times"]["steps_per_epoch"])
+
+
+def checked_epochs(plan: dict[str, Any], cfg: Config, epoch: int, spent: float, last_write: float = 0.0) -> int:
+    """The epochs the run should have, checked at the start of `epoch` (cfg.epochs when the plan stands): records the
+    wall time of the epoch that just ended against the plan's (plan["ratios"]), and marks the plan final from the
+    middle of the schedule on. last_write: the run's last write of last.pt and the plots, in seconds, which the
+    probe's save leaves out (the plots) and which the run ends with."""
+    if epoch >= 2 and not backbone_frozen(cfg, epoch - 1):  # a frozen epoch has no full step
+        expected = epoch_seconds(cfg, stored_times(plan), epoch - 1, epoch_sizes(cfg)[epoch - 1])
+        plan["ratios"].append((spent - plan["epoch_from"]) / expected)
+    plan["epoch_from"] = spent
+    epochs = cfg.epochs
+    if 2 <= epoch < cfg.epochs and plan["ratios"]:  # a finished run is never extended
+        plan["scale"] = statistics.median(plan["ratios"][-RECENT:])
+        times = scaled_times(stored_times(plan), plan["scale"])
+        ending = max(0.0, last_write - times.save)  # the final write, as the run has seen it, beyond the plan's
+        end = spent + ending + planned_seconds(cfg, times, epoch)
+        if not LOW * plan["seconds"] <= end <= plan["seconds"]:
+            epochs = fitting_epochs(Config(**plan["cap"]), times, TARGET * plan["seconds"] - spent - ending, epoch)
+    plan["final"] = epoch >= max(2, epochs // 2) or epoch >= cfg.epochs  # the second half follows one plan
+    return epochs
+
+
+def stored_times(plan: dict[str, Any]) -> Times:
+    """The probe's times as the plan keeps them in last.pt (a JSON-like dict, the sides' keys maybe strings)."""
+    times = Times(**plan["times"])
+    times.step = {int(side): seconds for side, seconds in times.step.items()}
+    return times
+
+
+def scaled_times(times: Times, scale: float) -> Times:
+    return dataclasses.replace(times, step={s: t * scale for s, t in times.step.items()}, val=times.val * scale,
+                               save=times.save * scale)
 
 
 def begun_phases_kept(new: Config, old: Config, epoch: int) -> Config:
