@@ -147,10 +147,11 @@ class Config:
                           "times the first steps at each training side, a val pass and a save, then trains the most "
                           "epochs whose schedule ends inside 95%% of it, --epochs being the cap; the epoch-counted "
                           "settings (--warmup-epochs, --t-max, --freeze-epochs, --ema-start-epoch, --focal-start, "
-                          "--focal-full, --mix-off-epoch) are shares of --epochs, scaled to the planned count; it "
-                          "plans again once after the second epoch (the first pays one-off start-up costs) when that took "
-                          "over 10%% more or less than planned (not when that epoch is frozen); a resumed run keeps its "
-                          "plan whatever --budget it is given; with --all-folds it is "
+                          "--focal-full, --mix-off-epoch) are shares of --epochs, scaled to the planned count; from "
+                          "the third epoch to the middle of the schedule it checks the plan against the median time "
+                          "of the last 5 epochs (not the first, which pays one-off start-up costs, nor frozen ones) "
+                          "and lays it out again when the planned end falls outside 90-100%% of the budget; a "
+                          "resumed run keeps its plan whatever --budget it is given; with --all-folds it is "
                           "the whole command's, each fold taking an even share of what is left; --time-limit stays a "
                           "hard stop", group="stopping")
 
