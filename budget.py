@@ -202,8 +202,8 @@ def planned_config(opened: Any, progress: Progress, model: torch.nn.Module, devi
 
 def replan(run: Run, progress: Progress, spent: float) -> None:
     """Called at the start of every epoch (spent: the seconds the run has spent so far). In a --budget run, from the
-    third epoch to the middle of the schedule: when the plan, at the times the epochs since the first really took,
-    ends outside LOW-100% of the budget, the schedule is laid out again from where the run is, with the epochs that
+    third epoch to the middle of the schedule: when the plan, at the times the last epochs (not the first) really
+    took, ends outside LOW-100% of the budget, the schedule is laid out again from where the run is, with the epochs that
     fit in what is left."""
     plan = progress.budget
     if not plan or plan.get("final", True) or progress.done:
@@ -212,8 +212,8 @@ def replan(run: Run, progress: Progress, spent: float) -> None:
     epochs = distributed.from_main(checked_epochs(plan, run.cfg, progress.epoch, spent, run.writes.cost))
     if epochs != run.cfg.epochs:
         cap = Config(**plan["cap"])
-        print(f"--budget {cap.budget}: the epochs since the first took {plan['scale']:.2f}x the planned time "
-              f"(median): {epochs} epoch(s) fit now, not {run.cfg.epochs}")
+        print(f"--budget {cap.budget}: the last epochs took {plan['scale']:.2f}x the planned time (median of up "
+              f"to {RECENT}): {epochs} epoch(s) fit now, not {run.cfg.epochs}")
         reschedule(run, begun_phases_kept(with_epochs(cap, epochs), run.cfg, progress.epoch),
                    plan["times"]["steps_per_epoch"])
 
