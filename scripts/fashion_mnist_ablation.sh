@@ -24,6 +24,13 @@ COMMON=(--data-dir "$DATA" --output-dir "$RUNS" --repeats 3
         --test-labels "$DATA/test_labels.csv")
 
 groups=" $* "
+for g in "$@"; do
+    case "$g" in
+        ema-x-loss|plain-ce|class-weights|full|budget|budget-linear|plain) ;;
+        *) echo "$0: unknown group '$g' (the groups: ema-x-loss plain-ce class-weights full budget budget-linear plain)" >&2
+           exit 2 ;;
+    esac
+done
 want() { [ "$groups" = "  " ] || [[ "$groups" == *" $1 "* ]]; }
 asked() { [[ "$groups" == *" $1 "* ]]; }
 
