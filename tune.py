@@ -161,8 +161,7 @@ def open_study(args, study_dir):
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
                                                  if url.startswith("sqlite") else {})
-            study = optuna.create_study(study_name=args.name, storage=storage, direction="maximize",
-                                        load_if_exists=True, pruner=pruner)
+            study, created = create_or_load(args.name, storage, pruner)
             break
         except Exception as e:  # a malformed URL, a missing driver, a server that does not answer
             if attempt < 4 and any(race in f"{type(e).__name__} {e}" for race in RACES):
@@ -170,9 +169,26 @@ def open_study(args, study_dir):
                 continue
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"--storage {url}: cannot open it ({reason})")
-    # seeded, and moved on by the trials so far, so that a resumed study does not draw its first settings again
-    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(started(study)))
-    return study, url
+    return study, url, created
+
+
+def create_or_load(name, storage, pruner):
+    """The study and whether this process created it. The database decides atomically which of the processes
+    starting a study at the same moment creates it: that one alone queues the --first-trials (Optuna's
+    skip_if_exists is no guard between processes, and two copies of a queued recipe train it twice)."""
+    import optuna
+    try:
+        return optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=pruner), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
+
+
+def seed_sampler(study, trial, seed) -> None:
+    """Seed the drawing of a trial's settings by its number, which the database hands out once: processes joining
+    a study at the same moment (whose samplers would otherwise hold the same seed) draw apart, and a resumed study
+    does not draw its first settings again. Set after ask(): TPE draws each setting when the trial suggests it."""
+    import optuna
+    study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
 
 
 def check_setup(study, args, cfg: Config, space) -> None:
@@ -215,6 +231,7 @@ def setup_difference(key, saved, given) -> str:
 def run_trial(search: Search, study, trial) -> Outcome:
     """Draw a trial's settings, train it, tell the study how it went, print its line."""
     import optuna
+    seed_sampler(study, trial, search.args.seed)
     settings = suggest(trial, search.space)
     trial.set_user_attr("role", "search")
     trial.set_user_attr("settings", settings)
@@ -256,9 +273,6 @@ def first_points(search: Search) -> list[dict]:
 def search_trials(search: Search, study) -> None:
     """Trials until --trials are done or the next one would not fit in the search's share of --budget."""
     args, done = search.args, 0
-    if not study.trials:  # a new study; skip_if_exists: another process may be starting it too
-        for point in first_points(search):
-            study.enqueue_trial(point, skip_if_exists=True)
     while not args.trials or done < args.trials:
         left = search_time_left(search)
         if left is not None and left < max(search.trial_seconds, 1):
@@ -364,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     study_dir = os.path.join(args.output_dir, args.name)
     check_folder_path(study_dir, "study folder")
     os.makedirs(study_dir, exist_ok=True)
-    study, storage = open_study(args, study_dir)
+    study, storage, created = open_study(args, study_dir)
     check_setup(study, args, cfg, space)
     earlier = earlier_trial_seconds(study)
     search_budget = budget * args.search_share if budget and args.train_final else budget
@@ -375,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in (followed, val_size_note(args.data_dir, cfg.val_fraction, args.cv)):  # what the search can tell apart
         if line:
             print(line)
+    if created:  # a resumed study keeps its queue, and a process joining a new one finds it there
+        for point in first_points(search):
+            study.enqueue_trial(point)
     try:
         search_trials(search, study)
         confirm(search, study)

@@ -132,6 +132,31 @@ def test_two_processes_share_one_study(server, data, tmp_path, request):
     assert (not storage) == (tmp_path / "tune" / "study.db").is_file()
 
 
+def test_processes_starting_one_study_queue_its_first_recipes_once_and_draw_apart(data, tmp_path):
+    """The interleaving the two-process test meets only by chance: both processes open the new study before either
+    queues. Only its creator queues the first recipes; the seed is the same in both, yet their drawn trials differ,
+    each seeded by its own trial number, and a new study with that seed draws the same settings again."""
+    args, _ = tune.parse_args(["--data-dir", str(data), "--output-dir", str(tmp_path), "--space", "wide",
+                               "--trials", "2"])
+    tune.check_args(args)
+    space = search_space.load_space(args.space)
+
+    def draws(folder, processes):
+        os.makedirs(folder)
+        opened = [tune.open_study(args, str(folder)) for _ in range(processes)]
+        assert [created for _, _, created in opened] == [True] + [False] * (processes - 1)
+        settings = []
+        for study, _, _ in opened:
+            trial = study.ask()
+            tune.seed_sampler(study, trial, args.seed)
+            settings.append(search_space.suggest(trial, space))
+        return settings
+
+    first, second = draws(tmp_path / "shared", 2)
+    assert first != second
+    assert draws(tmp_path / "again", 1) == [first]
+
+
 def test_a_pruned_trial_is_stopped_by_sigterm(data, tmp_path):
     """--prune-below 1.01 prunes every trial after its first epoch: train.py must get SIGTERM, save last.pt and
     stop long before its 30 epochs; with no complete trial there is no winner, said in one line."""
@@ -370,7 +395,7 @@ def test_a_study_refuses_a_command_that_would_not_compare(data, tmp_path, capsys
     space = search_space.load_space(args.space)
     cfg = tune.fixed_config(args, train_args, space)
     os.makedirs(tmp_path / "tune")
-    study, _ = tune.open_study(args, str(tmp_path / "tune"))
+    study, _, _ = tune.open_study(args, str(tmp_path / "tune"))
     tune.check_setup(study, args, cfg, space)  # what the first process records
     tune.check_setup(study, args, cfg, space)  # the same command again: fine
     common = ["--data-dir", data, "--output-dir", tmp_path, "--trials", 1]
