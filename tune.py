@@ -83,8 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--storage", default="", help="Optuna storage URL (sqlite:///FILE, postgresql://user:pw@host/db, "
                    "mysql://...); several machines with one URL and --name work on one study (default: "
                    "sqlite:///<study folder>/study.db)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the sampler and of every search trial; the "
-                   "confirmation runs use the next ones (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the sampler (each trial draws with the seed "
+                   "plus its trial number) and of every search trial; the confirmation runs use the next ones "
+                   "(default: %(default)s)")
     p.add_argument("--pruner", choices=["median", "none"], default="median", help="median: stop a trial whose "
                    "val accuracy after an epoch is below the median of earlier trials at that epoch "
                    "(default: %(default)s)")
