@@ -126,7 +126,18 @@ def plan_line(cap: Config, cfg: Config, times: Times, budget: float, spent: floa
     end = spent + planned_seconds(cfg, times)
     return (f"--budget {cap.budget}: measured {steps}, {times.val:.3g} s a val pass, {times.save:.3g} s a save; "
             f"{cfg.epochs} epoch(s) fit (--epochs {cap.epochs} is the cap), ending at about {end:.0f} s of "
-            f"{budget:.0f}{'; scaled: ' + ', '.join(scaled) if scaled else ''}")
+            f"{budget:.0f}{short_of_budget(cap, cfg, times, end / budget)}"
+            f"{'; scaled: ' + ', '.join(scaled) if scaled else ''}")
+
+
+def short_of_budget(cap: Config, cfg: Config, times: Times, share: float) -> str:
+    """Why a plan ends below LOW of its budget when the cap is not what stops it: whole epochs so long that one
+    more would pass TARGET (a large data set on a slow machine), said rather than left as an unexplained gap."""
+    if share >= LOW or cfg.epochs >= cap.epochs:
+        return ""
+    more = planned_seconds(with_epochs(cap, cfg.epochs + 1), times) - planned_seconds(cfg, times)
+    return (f" ({share:.0%}: an epoch takes about {more:.0f} s, and one more would end past {TARGET:.0%} of the "
+            "budget)")
 
 
 # ---------------------------------------------------------------- timing the run's own pieces

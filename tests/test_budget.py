@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import train
-from budget import TARGET, Times, checked_epochs, epoch_seconds, fitting_epochs, planned_seconds, sides
+from budget import (TARGET, Times, checked_epochs, epoch_seconds, fitting_epochs, plan_line, planned_seconds,
+                    sides)
 from config import Config, with_epochs
 from conftest import LIGHT, ROOT, SAMPLE, TIMING_COLUMNS, copy_sample, error_line, run_main
 from folds import fold_budget
@@ -31,6 +32,16 @@ def test_the_plan_takes_the_most_epochs_that_fit_and_never_more_than_the_cap():
     with_ema = with_epochs(Config(img_size=32, epochs=100, ema=True, ema_start_epoch=50), 10)
     # from epoch 5 the EMA weights are validated too: 1 + 2 x 1 + min(0.5, 0.1 x 3) + 0.125 = 3.425 s an epoch
     assert planned_seconds(with_ema, TIMES) == pytest.approx(5 * 2.325 + 5 * 3.425 + 0.5)
+
+
+def test_a_plan_of_long_epochs_says_why_it_ends_short_of_its_budget():
+    # 21 epochs of 2.325 s end at 49.3 s of a 60 s budget, 22 would pass 95% of it: the gap is said; a plan that
+    # ends above 90% (a 52 s budget), or one that the cap stops, says nothing more
+    line = plan_line(CAP, with_epochs(CAP, 21), TIMES, 60.0, 0.0)
+    assert "21 epoch(s) fit" in line and "ending at about 49 s of 60 (82%: an epoch takes about 2 s, and one more " \
+        "would end past 95% of the budget)" in line
+    assert "%" not in plan_line(CAP, with_epochs(CAP, 21), TIMES, 52.0, 0.0)
+    assert "%" not in plan_line(with_epochs(CAP, 21), with_epochs(CAP, 21), TIMES, 60.0, 0.0)
 
 
 def test_a_progressive_plan_is_timed_at_each_side_it_may_train_at():
