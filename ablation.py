@@ -8,9 +8,13 @@ per setting and seed (the usual train.py outputs), summary.csv, report.md, curve
 Runs go one after the other in this process; run the same command again to resume: finished runs are kept, an
 interrupted one continues from its last checkpoint.
 """
+import gc
+
+if __name__ == "__main__":
+    gc.disable()  # no collections while torch and torchvision import (~1 s of start-up): run_cli enables them
+
 import argparse
 import dataclasses
-import gc
 import itertools
 import json
 import os

@@ -16,6 +16,11 @@ images, and the first one gathers them and writes the same files as a single pro
 """
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    gc.disable()  # no collections while torch and torchvision import (~1 s of start-up): run_cli enables them
+
 import argparse
 import collections
 import dataclasses

@@ -18,6 +18,11 @@ SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves last.pt and prints t
 """
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    gc.disable()  # no collections while torch and torchvision import (~1 s of start-up): run_cli enables them
+
 import argparse
 import dataclasses
 import functools

@@ -14,6 +14,11 @@ Flags after -- (or any flag tune.py does not know) go to every trial's train.py 
 """
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    gc.disable()  # no collections while torch and torchvision import (~1 s of start-up): run_cli enables them
+
 import argparse
 import dataclasses
 import json
