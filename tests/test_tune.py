@@ -134,8 +134,9 @@ def test_two_processes_share_one_study(server, data, tmp_path, request):
 
 def test_processes_starting_one_study_queue_its_first_recipes_once_and_draw_apart(data, tmp_path):
     """The interleaving the two-process test meets only by chance: both processes open the new study before either
-    queues. Only its creator queues the first recipes; the seed is the same in both, yet their drawn trials differ,
-    each seeded by its own trial number, and a new study with that seed draws the same settings again."""
+    queues. Exactly one of them is its creator, the one that tune.main lets queue the first recipes; the seed is the
+    same in both, yet their drawn trials differ, each seeded by its own trial number, and a new study with that seed
+    draws the same settings again."""
     args, _ = tune.parse_args(["--data-dir", str(data), "--output-dir", str(tmp_path), "--space", "wide",
                                "--trials", "2"])
     tune.check_args(args)
