@@ -9,7 +9,7 @@ time the epochs since the first really took (their saves, plots and everything e
 included; not the first, which also pays one-off costs: the loader's and the plots' first use, the first best.pt):
 the probe's times scaled by the median ratio of taken to planned over the last RECENT epochs, so that one slow
 epoch does not move the plan and a lasting change of speed (another job on the machine) does.
-When the planned end at those times falls outside LOW-100% of the budget and another number of epochs fits, the
+When the planned end at those times falls outside LOW-HIGH of the budget and another number of epochs fits, the
 schedule is laid out again from where the run is. The checks stop at the middle, so that the learning rate of a
 run's second half follows one schedule. A resumed run keeps its plan (and whatever the checks made of it) and never
 times or checks again, whatever --budget it is given: resumed after its last check, it goes on bit for bit as the
@@ -46,7 +46,10 @@ from run_folder import write_config
 from utils import rng_state, set_rng_state
 
 TARGET = 0.95  # the share of the budget a plan fills: the run ends at 90-100% of it with its schedule finished
-LOW = 0.90  # a planned end below this share of the budget (or past the budget) lays the plan out again
+LOW = 0.90  # a planned end below this share of the budget (or past HIGH) lays the plan out again
+# a planned end past this share lays it out again too: the second half is not checked, and its epochs may run a few
+# percent slower than the first (an hour on a 2-core Xeon whose checks let a 97.5-98% end stand ended at 100.5%)
+HIGH = 0.97
 PROBE_STEPS = 3  # timed optimiser steps per side, their median taken, after WARMUP_STEPS untimed ones
 RECENT = 5  # the last epochs whose median ratio of taken to planned time a check scales the plan by
 WARMUP_STEPS = 2  # the first steps at a side run slower (allocator, oneDNN's and cuDNN's kernel choice, compilation)
@@ -214,7 +217,7 @@ def planned_config(opened: Any, progress: Progress, model: torch.nn.Module, devi
 def replan(run: Run, progress: Progress, spent: float) -> None:
     """Called at the start of every epoch (spent: the seconds the run has spent so far). In a --budget run, from the
     third epoch to the middle of the schedule: when the plan, at the times the last epochs (not the first) really
-    took, ends outside LOW-100% of the budget, the schedule is laid out again from where the run is, with the epochs that
+    took, ends outside LOW-HIGH of the budget, the schedule is laid out again from where the run is, with the epochs that
     fit in what is left."""
     plan = progress.budget
     if not plan or plan.get("final", True) or progress.done:
@@ -244,7 +247,7 @@ def checked_epochs(plan: dict[str, Any], cfg: Config, epoch: int, spent: float, 
         times = scaled_times(stored_times(plan), plan["scale"])
         ending = max(0.0, last_write - times.save)  # the final write, as the run has seen it, beyond the plan's
         end = spent + ending + planned_seconds(cfg, times, epoch)
-        if not LOW * plan["seconds"] <= end <= plan["seconds"]:
+        if not LOW * plan["seconds"] <= end <= HIGH * plan["seconds"]:
             epochs = fitting_epochs(Config(**plan["cap"]), times, TARGET * plan["seconds"] - spent - ending, epoch)
     plan["final"] = epoch >= max(2, epochs // 2) or epoch >= cfg.epochs  # the second half follows one plan
     return epochs

@@ -150,8 +150,9 @@ class Config:
                           "--focal-full, --mix-off-epoch) are shares of --epochs, scaled to the planned count; from "
                           "the third epoch to the middle of the schedule it checks the plan against the median time "
                           "of the last 5 epochs (not the first, which pays one-off start-up costs, nor frozen ones) "
-                          "and lays it out again when the planned end falls outside 90-100%% of the budget; a "
-                          "resumed run keeps its plan whatever --budget it is given; with --all-folds it is "
+                          "and lays it out again when the planned end falls outside 90-97%% of the budget (headroom "
+                          "for the unchecked second half); a resumed run keeps its plan whatever --budget it is "
+                          "given; with --all-folds it is "
                           "the whole command's, each fold taking an even share of what is left; --time-limit stays a "
                           "hard stop", group="stopping")
 
