@@ -48,7 +48,7 @@ from utils import rng_state, set_rng_state
 TARGET = 0.95  # the share of the budget a plan fills: the run ends at 90-100% of it with its schedule finished
 LOW = 0.90  # a planned end below this share of the budget (or past HIGH) lays the plan out again
 # a planned end past this share lays it out again too: the second half is not checked, and its epochs may run a few
-# percent slower than the first (an hour on a 2-core Xeon whose checks let a 97.5-98% end stand ended at 100.5%)
+# percent slower than the first (an hour on a 2-core Xeon whose last check let a 99.6% end stand ended at 100.5%)
 HIGH = 0.97
 PROBE_STEPS = 3  # timed optimiser steps per side, their median taken, after WARMUP_STEPS untimed ones
 RECENT = 5  # the last epochs whose median ratio of taken to planned time a check scales the plan by

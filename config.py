@@ -152,9 +152,8 @@ class Config:
                           "of the last 5 epochs (not the first, which pays one-off start-up costs, nor frozen ones) "
                           "and lays it out again when the planned end falls outside 90-97%% of the budget (headroom "
                           "for the unchecked second half); a resumed run keeps its plan whatever --budget it is "
-                          "given; with --all-folds it is "
-                          "the whole command's, each fold taking an even share of what is left; --time-limit stays a "
-                          "hard stop", group="stopping")
+                          "given; with --all-folds it is the whole command's, each fold taking an even share of what "
+                          "is left; --time-limit stays a hard stop", group="stopping")
 
     # speed (each on by default where the hardware has it)
     channels_last: bool = opt(True, "channels_last memory format for the model and its input batches",

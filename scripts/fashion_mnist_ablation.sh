@@ -101,8 +101,8 @@ fi
 if asked budget-linear-ls; then
     budget_run "budget-$BUDGET-linear-ls-seed${SEED:-42}" --head linear --label-smoothing 0.1 --seed "${SEED:-42}"
 fi
-# the same at batch 256: the bf16 step on an AMX Xeon runs ~13% more images a second than at 128 (bench.py), so
-# the hour holds more epochs; the learning rate grows by about sqrt(2) with the batch, as usual for AdamW
+# the same at batch 256: the bf16 step on an AMX Xeon runs ~13% more images a second than at 128 in bench.py (in
+# the hour that bought one epoch more); the learning rate grows by about sqrt(2) with the batch, as usual for AdamW
 if asked budget-linear-ls-b256; then
     budget_run "budget-$BUDGET-linear-ls-b256-seed${SEED:-42}" --head linear --label-smoothing 0.1 --seed "${SEED:-42}" \
         --batch-size 256 --lr 3e-3

@@ -89,7 +89,8 @@ def checked_run(speed, budget=100.0, first_epoch_extra=3.0, last_write=0.0):
                               "slower-in-the-unchecked-half"])
 def test_the_checks_bring_a_mistimed_plan_to_90_to_100_percent_of_its_budget(speed):
     # the probe timed 0.853 s a step and the epochs then ran at 0.6-0.67 s: with one check the run ended at 80%;
-    # a plan checked at 98% of its budget whose second half then ran 4% slower ended at 100.5%
+    # a plan that the checks find ending at 98.4%, whose unchecked second half then runs 4% slower, ended at
+    # 100.25% when only an end past 100% was laid out again
     first, changes, end = checked_run(speed)
     assert first == 40 and changes and 0.90 <= end <= 1.0, (changes, end)
     assert max(epoch for epoch, _ in changes) <= changes[-1][1] // 2  # the second half follows one plan
